@@ -1,0 +1,1 @@
+"""Shared helpers for the DeepMIM training scripts (one concept per module)."""

@@ -1,0 +1,188 @@
+"""The frozen CLIP image tower used as DeepMIM's reconstruction target (built with open_clip).
+
+``--clip_path`` accepts, and tells apart by content, not by file name:
+
+* OpenAI's CLIP checkpoint as distributed (``ViT-B-16.pt``): a TorchScript archive. It is read with
+  ``torch.jit.load``, which deserializes TorchScript but never runs Python code from the file;
+* a plain state dict with ``visual.*`` keys (what the reference DeepMIM code expects), also with a
+  ``module.`` prefix or the image tower alone (``conv1.weight``, ..., ``proj``);
+* an open_clip checkpoint (``{'state_dict': ...}`` from open_clip training, or its ``.safetensors``
+  / ``.bin`` weights).
+
+Pickled files are read with ``weights_only=True``. Without ``--clip_model`` the architecture is
+read off the weights (width, depth, patch size, image size, output width; 64-wide heads) with
+OpenAI's QuickGELU activation, as in OpenAI's release. With ``--clip_model NAME`` the architecture
+comes from open_clip's model config of that name and ``--clip_path`` / ``--clip_pretrained`` give
+the weights (``--clip_pretrained openai`` downloads when online).
+"""
+import logging
+import os
+import warnings
+import zipfile
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from util.errors import UserError
+from util.targets import Target
+
+_log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_REQUIRED = ("conv1.weight", "class_embedding", "positional_embedding", "ln_post.weight", "proj")
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read the tensors of a CLIP checkpoint file in any of the supported formats."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"CLIP weights not found: {path!r}. Pass --clip_path with OpenAI's CLIP ViT-B/16 file "
+            f"(ViT-B-16.pt), a state dict with visual.* keys or an open_clip checkpoint; or use "
+            f"--clip_model ViT-B-16 --clip_pretrained openai when online."
+        )
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships CLIP in it
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        elif path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files fail in many ways (pickle, zip, index errors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path!r} could not be read as a CLIP checkpoint ({first}). Expected OpenAI's TorchScript "
+            f"file, a state dict of tensors or an open_clip checkpoint."
+        ) from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise UserError(f"{path!r} holds a {type(sd).__name__}, not a CLIP state dict.")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def visual_state_dict(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    """Keep the image tower's tensors, without the ``visual.`` prefix; refuse anything else."""
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if not visual and all(k in sd for k in _REQUIRED):
+        visual = dict(sd)  # the image tower alone
+    missing = [k for k in _REQUIRED if k not in visual]
+    if missing:
+        sample = ", ".join(list(sd)[:5]) or "no tensors"
+        raise UserError(
+            f"{source} is not a CLIP checkpoint with a ViT image tower: missing "
+            f"{', '.join('visual.' + k for k in missing)} (found {sample}, ...). ResNet CLIP towers "
+            f"are not supported."
+        )
+    return {k: v.float() for k, v in visual.items()}
+
+
+def build_visual_from_state_dict(visual: Dict[str, torch.Tensor], quick_gelu: bool = True) -> nn.Module:
+    """Build open_clip's ``VisionTransformer`` with the shapes of ``visual`` and load it strictly."""
+    from open_clip.model import QuickGELU
+    from open_clip.transformer import VisionTransformer
+
+    width, _, patch, _ = visual["conv1.weight"].shape
+    layers = sum(1 for k in visual if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight"))
+    grid = round((visual["positional_embedding"].shape[0] - 1) ** 0.5)
+    mlp_width = visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    net = VisionTransformer(
+        image_size=patch * grid,
+        patch_size=patch,
+        width=width,
+        layers=layers,
+        heads=max(1, width // 64),
+        mlp_ratio=mlp_width / width,
+        output_dim=visual["proj"].shape[1],
+        act_layer=QuickGELU if quick_gelu else nn.GELU,
+    )
+    try:
+        net.load_state_dict(visual, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"CLIP image tower weights do not fit a standard CLIP ViT: {e}") from None
+    return net
+
+
+def load_clip_visual(
+    clip_path: Optional[str] = None, clip_model: Optional[str] = None, clip_pretrained: Optional[str] = None
+) -> nn.Module:
+    """Return open_clip's image tower (``VisionTransformer``) for the given flags."""
+    if clip_model:
+        import open_clip
+        from open_clip.transformer import VisionTransformer
+
+        if clip_model not in open_clip.list_models():
+            raise UserError(f"Unknown --clip_model {clip_model!r}; open_clip knows: {', '.join(open_clip.list_models())}")
+        weights = clip_path or clip_pretrained
+        if clip_path:
+            read_state_dict(clip_path)  # the same clear errors as without --clip_model
+        try:
+            model = open_clip.create_model(clip_model, pretrained=weights or None)
+        except Exception as e:  # network or format failures surface as many types
+            raise UserError(
+                f"open_clip could not build {clip_model!r} with weights {weights!r}: {e}. Offline, pass "
+                f"the weights file with --clip_path."
+            ) from None
+        visual = model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise UserError(f"--clip_model {clip_model!r} has a {type(visual).__name__} image tower; a ViT is needed.")
+        return visual
+    if not clip_path:
+        raise UserError("The CLIP target needs --clip_path FILE or --clip_model NAME --clip_pretrained TAG.")
+    return build_visual_from_state_dict(visual_state_dict(read_state_dict(clip_path), repr(clip_path)))
+
+
+class CLIPTeacher(Target):
+    """Frozen CLIP image tower returning ``ln_post`` + ``proj`` tokens of every patch.
+
+    The input is ImageNet-normalized (what the student sees); it is re-normalized to CLIP's
+    statistics with one per-channel affine map: ``x_clip = x * a + b``.
+
+    Args:
+        visual: open_clip ``VisionTransformer``.
+        input_mean / input_std: the statistics the input images were normalized with.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        input_mean: Sequence[float] = IMAGENET_MEAN,
+        input_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.visual = visual.eval().requires_grad_(False)
+        in_mean, in_std = torch.tensor(input_mean), torch.tensor(input_std)
+        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        self.register_buffer("scale", (in_std / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((in_mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.grid = tuple(visual.grid_size)
+        self.dim = visual.proj.shape[1]
+        self.loss = "cosine"
+
+    def train(self, mode: bool = True) -> "CLIPTeacher":
+        return super().train(False)  # always in eval mode
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] ImageNet-normalized -> [N, L, output_dim] patch tokens (no cls token)."""
+        x = imgs.to(self.scale.dtype) * self.scale + self.shift
+        out = self.visual.forward_intermediates(
+            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
+        )
+        tokens = out["image_intermediates"][-1]  # ln_post(last block)[:, 1:] -> [N, L, width]
+        return tokens @ self.visual.proj

@@ -1,0 +1,241 @@
+"""Datasets, transforms and loaders.
+
+* ImageFolder at ``data_path/train`` (and ``/val``) with clear errors for missing / empty folders and
+  unreadable images.
+* ``--data_path digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes),
+  written once to a cache folder as an ImageFolder of 32x32 RGB PNGs with a fixed train / val split,
+  so the very same ImageFolder code runs on it.
+* Reproducible randomness: the training sampler yields ``(index, seed)`` pairs, and each sample's
+  augmentation is seeded from (base seed, epoch, index). A resumed run therefore sees exactly the
+  crops an uninterrupted run would have seen, whatever the number of workers.
+"""
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence, Tuple
+
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+from util.errors import UserError
+from util.misc import derive_seed, seed_everything
+
+_log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BUILTIN = "digits"
+DIGITS_SIZE = 32
+DIGITS_VAL_FRACTION = 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in dataset
+
+
+def cache_root() -> Path:
+    """Where built-in data is written: ``$DEEPMIM_CACHE`` or ``~/.cache/deepmim``."""
+    return Path(os.environ.get("DEEPMIM_CACHE") or Path.home() / ".cache" / "deepmim")
+
+
+def build_digits(root: Path) -> Path:
+    """Write scikit-learn's digits as ``root/digits/{train,val}/<class>/<id>.png`` once; return the folder.
+
+    Each 8x8 image (values 0..16) is scaled to 0..255, resized to 32x32 (bicubic) and stored as RGB.
+    The split is fixed: a stratified 20 % of each class (seeded shuffle) goes to ``val``. The folder
+    is written under a temporary name and renamed, so an interrupted or concurrent build never leaves
+    a half-written dataset behind.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    dest = root / BUILTIN
+    if (dest / "train").is_dir() and (dest / "val").is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    rng = np.random.RandomState(0)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
+    try:
+        for cls in range(10):
+            idx = np.flatnonzero(digits.target == cls)
+            rng.shuffle(idx)
+            n_val = int(round(len(idx) * DIGITS_VAL_FRACTION))
+            for split, ids in (("val", idx[:n_val]), ("train", idx[n_val:])):
+                folder = tmp / split / str(cls)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in ids:
+                    pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+                    img = Image.fromarray(pixels, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC)
+                    img.convert("RGB").save(folder / f"{i:04d}.png")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: keep its copy
+            if not (dest / "train").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log.info("built-in digits written to %s", dest)
+    return dest
+
+
+def resolve_data_path(data_path: str) -> Path:
+    """``digits`` -> the cached built-in dataset (written on first use); anything else as given."""
+    if data_path == BUILTIN:
+        return build_digits(cache_root())
+    return Path(data_path)
+
+
+# --------------------------------------------------------------------------------------------
+# image folders
+
+
+def _load_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
+
+
+def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
+    """``torchvision`` ImageFolder at ``root`` with clear errors for what users get wrong."""
+    if not root.is_dir():
+        raise UserError(
+            f"{split} folder {str(root)!r} does not exist. --data_path must contain {split}/<class>/<image> "
+            f"(the ImageNet layout), or be 'digits' for the built-in dataset."
+        )
+    try:
+        ds = datasets.ImageFolder(str(root), transform=transform, loader=_load_image)
+    except FileNotFoundError as e:
+        raise UserError(
+            f"No images found in {str(root)!r} ({e}). Expected one sub-folder per class holding images "
+            f"with extensions {', '.join(IMG_EXTENSIONS)}."
+        ) from None
+    return ds
+
+
+def pretrain_transform(input_size: int) -> transforms.Compose:
+    """MAE's pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalize."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# reproducible sampling
+
+
+class SeededSampler(Sampler):
+    """Wraps a ``DistributedSampler`` and yields ``(index, seed)`` pairs.
+
+    The seed is a function of (base seed, epoch, index) only, so the augmentation of a sample does
+    not depend on the worker that loads it or on what was loaded before. ``skip`` drops the first
+    ``skip`` samples of this rank's epoch (mid-epoch resume).
+    """
+
+    def __init__(self, base: DistributedSampler, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for i, idx in enumerate(self.base):
+            if i >= self.skip:
+                yield idx, derive_seed(self.seed, self.epoch, idx)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+class SeededDataset(Dataset):
+    """Applies the wrapped dataset's random transform under the seed that comes with the index."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        idx, seed = key
+        seed_everything(seed)
+        return self.base[idx]
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int,
+    pin_mem: bool,
+    collate_fn=None,
+) -> DataLoader:
+    """Shuffled, seeded, distributed training loader (also in a single process: 1 replica)."""
+    needed = batch_size * world_size
+    if len(dataset) < needed:
+        raise UserError(
+            f"The training set has {len(dataset)} images, fewer than one batch of {batch_size} x "
+            f"{world_size} process(es). Lower --batch_size."
+        )
+    base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        SeededDataset(dataset),
+        sampler=SeededSampler(base, seed),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_mem,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
+    )
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes indices r, r + W, r + 2W, ... with no padding.
+
+    Unlike ``DistributedSampler`` it never repeats a sample to even out the shards, so summing
+    correct counts over ranks counts every validation image exactly once.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices: Sequence[int] = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(
+    dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int, pin_mem: bool
+) -> DataLoader:
+    """Sequential loader over this rank's shard (the whole set in a single process)."""
+    return DataLoader(
+        dataset,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_mem,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
+    )

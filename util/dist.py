@@ -1,0 +1,188 @@
+"""Distributed initialisation for every launcher our users have, in one function.
+
+:func:`init_distributed` works out which launcher started the process:
+
+* ``torchrun`` / ``python -m torch.distributed.run``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR``, ``MASTER_PORT``;
+* ``python -m torch.distributed.launch`` on old and new PyTorch: the same variables, plus the local
+  rank as ``--local_rank N`` or ``--local-rank=N`` (both spellings are accepted by the scripts) when
+  ``--use-env`` is not given;
+* SLURM ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first
+  host of ``SLURM_JOB_NODELIST``, the port comes from ``--dist_port`` or ``MASTER_PORT``;
+* OpenMPI (``--dist_on_itp``): ``OMPI_COMM_WORLD_RANK`` / ``_SIZE`` / ``_LOCAL_RANK``;
+* a plain single process (none of the above).
+
+A half-set environment (``RANK`` without ``WORLD_SIZE``, say) is refused with a message naming the
+missing variables instead of hanging in a rendezvous. NCCL on CUDA, gloo on CPU.
+"""
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from util.errors import UserError
+
+_log = logging.getLogger(__name__)
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list: ``"gpu[003-004,9],cpu1"`` -> ``"gpu003"``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?([^,]*)", nodelist.strip())
+    if not m:
+        raise UserError(f"Cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR explicitly.")
+    prefix, _, ranges, suffix = m.groups()
+    if ranges is None:
+        return prefix + suffix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + suffix
+
+
+def _ints(env: Mapping[str, str], names: List[str]) -> Dict[str, int]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = int(env[n])
+        except ValueError:
+            raise UserError(f"Environment variable {n}={env[n]!r} is not an integer.") from None
+    return out
+
+
+def detect(
+    env: Mapping[str, str],
+    local_rank_flag: int = -1,
+    dist_on_itp: bool = False,
+    dist_port: Optional[int] = None,
+) -> DistInfo:
+    """Work out rank, world size and rendezvous address from the environment (no side effects)."""
+    if dist_on_itp:
+        need = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"]
+        missing = [n for n in need if n not in env]
+        if missing:
+            raise UserError(f"--dist_on_itp needs the OpenMPI variables {', '.join(missing)}; launch with mpirun.")
+        v = _ints(env, need)
+        return DistInfo(
+            v["OMPI_COMM_WORLD_RANK"], v["OMPI_COMM_WORLD_SIZE"], v["OMPI_COMM_WORLD_LOCAL_RANK"], "openmpi",
+            env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", dist_port or DEFAULT_PORT)),
+        )
+
+    torch_vars = ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+    present = [n for n in torch_vars if n in env]
+    if present:
+        missing = [n for n in torch_vars if n not in env]
+        if "LOCAL_RANK" not in env and local_rank_flag < 0:
+            missing.append("LOCAL_RANK (or --local_rank)")
+        if missing:
+            raise UserError(
+                f"Half-set distributed environment: {', '.join(present)} set but {', '.join(missing)} "
+                f"missing. Launch with torchrun (which sets all of them), or unset "
+                f"{', '.join(present)} for a single-process run."
+            )
+        v = _ints(env, ["RANK", "WORLD_SIZE", "MASTER_PORT"])
+        local = int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else local_rank_flag
+        if not 0 <= v["RANK"] < v["WORLD_SIZE"]:
+            raise UserError(f"RANK={v['RANK']} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={v['WORLD_SIZE']}).")
+        return DistInfo(v["RANK"], v["WORLD_SIZE"], local, "torchrun", env["MASTER_ADDR"], v["MASTER_PORT"])
+
+    if "SLURM_PROCID" in env or "SLURM_NTASKS" in env:
+        need = ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST"]
+        missing = [n for n in need if n not in env]
+        if missing:
+            raise UserError(
+                f"Half-set SLURM environment: {', '.join(missing)} missing. Start the job with srun "
+                f"inside an allocation (sbatch / salloc)."
+            )
+        v = _ints(env, ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"])
+        if v["SLURM_NTASKS"] > 1:
+            addr = env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"])
+            port = dist_port or int(env.get("MASTER_PORT", DEFAULT_PORT))
+            return DistInfo(v["SLURM_PROCID"], v["SLURM_NTASKS"], v["SLURM_LOCALID"], "slurm", addr, port)
+        # one task in an allocation (an interactive salloc shell): a plain single process
+
+    return DistInfo(0, 1, max(local_rank_flag, 0), "single")
+
+
+def init_distributed(args) -> DistInfo:
+    """Detect the launcher, pick the device, and join the process group when there are several.
+
+    Reads ``args.local_rank``, ``args.dist_on_itp``, ``args.dist_url``, ``args.dist_port`` and
+    ``args.device``; sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and
+    ``args.device`` (``cuda:<local rank>`` on GPUs). Returns the :class:`DistInfo`.
+    """
+    info = detect(os.environ, getattr(args, "local_rank", -1), getattr(args, "dist_on_itp", False),
+                  getattr(args, "dist_port", None))
+    device = resolve_device(args.device, info.local_rank)
+    args.device = str(device)
+    args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
+    args.distributed = info.distributed
+    if info.distributed and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", info.master_addr or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(info.master_port or DEFAULT_PORT))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        init_method = getattr(args, "dist_url", "env://") or "env://"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, init_method=init_method, world_size=info.world_size, rank=info.rank, **kwargs)
+        _log.info("distributed (%s, %s): rank %d of %d, local rank %d", info.launcher, backend, info.rank,
+                  info.world_size, info.local_rank)
+    return info
+
+
+def resolve_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
+    """``--device``: ``cuda`` (the local rank's GPU), ``cpu``, or empty for CUDA when available."""
+    name = (requested or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but CUDA is not available; use --device cpu.")
+        index = int(name.split(":")[1]) if ":" in name else local_rank
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place; a no-op in a single process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,41 @@
+"""A tiny model registry in the spirit of timm's ``register_model``.
+
+Entry points only declare hyper-parameters and call one builder; looking up an unknown name fails
+with the list of valid names, so a typo on the command line is answered with the fix.
+"""
+from typing import Callable, Dict, List
+
+from util.errors import UserError
+
+
+class Registry:
+    """Maps model names to factory functions.
+
+    Args:
+        kind: what the registry holds, used in error messages (e.g. ``"pre-training model"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: Dict[str, Callable] = {}
+
+    def register(self, fn: Callable, name: str = "") -> Callable:
+        """Register ``fn`` under ``name`` (default: the function's own name); usable as a decorator."""
+        name = name or fn.__name__
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = fn
+        return fn
+
+    def names(self) -> List[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable:
+        if name not in self._entries:
+            raise UserError(
+                f"Unknown {self.kind} {name!r}. Valid names: {', '.join(self.names())}."
+            )
+        return self._entries[name]
