@@ -8,30 +8,17 @@ import argparse
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import torch
-from torch import nn
 
 import models_deepmim
 from engine_pretrain import train_one_epoch
 from util import checkpoint as ckpt_util
-from util import dist as dist_util
 from util.cli import add_optim_args, add_run_args, str2list
 from util.datasets import image_folder, pretrain_transform, resolve_data_path, train_loader
-from util.misc import (
-    TensorBoard,
-    append_jsonl,
-    check_writable,
-    fmt_seconds,
-    make_scaler,
-    resolve_amp,
-    run_cli,
-    save_json,
-    seed_everything,
-    to_plain,
-)
+from util.misc import fmt_seconds, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
+from util.runner import start_run
 from util.targets import build_targets, describe_targets
 
 _log = logging.getLogger("main_pretrain")
@@ -67,15 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    info = dist_util.init_distributed(args)
-    device = torch.device(args.device)
-    out_dir = check_writable(args.output_dir)
-    dist_util.barrier()
-    from util.misc import setup_logging
-
-    setup_logging(info.rank, str(out_dir) if info.rank == 0 else None)
-    amp_dtype = resolve_amp(args.amp, device)
-    seed_everything(args.seed)  # identical model initialisation on every rank
+    run = start_run(args)
+    device, amp_dtype = run.device, run.amp_dtype
 
     # model config first: the targets need its patch grid, the decoders need the targets' widths
     cfg = models_deepmim.model_config(
@@ -84,61 +64,44 @@ def main(args: argparse.Namespace) -> dict:
         decoder_num_heads=args.decoder_num_heads,
     )
     targets, layer_targets = build_targets(args, cfg.grid, cfg.img_size, cfg.patch_size, len(cfg.ds_layers))
-    cfg = dataclasses.replace(
-        cfg, pred_dims=tuple(targets[n].dim for n in layer_targets), losses=tuple(targets[n].loss for n in layer_targets)
-    )
+    cfg = dataclasses.replace(cfg, pred_dims=tuple(targets[n].dim for n in layer_targets),
+                              losses=tuple(targets[n].loss for n in layer_targets))
     args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
     for t in targets.values():
         t.to(device=device, dtype=amp_dtype or torch.float32)
 
     dataset = image_folder(resolve_data_path(args.data_path) / "train", pretrain_transform(cfg.img_size), "training")
-    loader = train_loader(dataset, args.batch_size, info.rank, info.world_size, args.seed, args.num_workers,
+    loader = train_loader(dataset, args.batch_size, run.info.rank, run.info.world_size, args.seed, args.num_workers,
                           args.pin_mem and device.type == "cuda")
 
     model = models_deepmim.DeepMIM(cfg).to(device)
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    eff_batch = args.batch_size * args.accum_iter * run.info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), args.lr, betas=(0.9, 0.95), device=device,
                       fused=args.fused_adamw)
     scaler = make_scaler(device, amp_dtype)
+    start_epoch, start_step, _ = run.resume(model, optimizer, scaler)
 
-    start_epoch, start_step = args.start_epoch, 0
-    resume_from = Path(args.resume) if args.resume else (ckpt_util.find_resume(out_dir) if args.auto_resume else None)
-    if resume_from is not None:
-        start_epoch, start_step, _ = ckpt_util.resume(resume_from, model, optimizer, scaler)
-
-    _log.info("model %s: %s", args.model, to_plain(cfg.to_dict()))
+    _log.info("model %s: %s", args.model, cfg.to_dict())
     _log.info("targets: %s", describe_targets(targets, layer_targets))
     _log.info("%d training images; effective batch %d; lr %.3e (blr %.3e); amp %s; %d iterations/epoch",
               len(dataset), eff_batch, args.lr, args.lr * 256 / eff_batch, amp_dtype, len(loader))
-    train_model: nn.Module = model
-    if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    args_dict = to_plain(vars(args))
-    if info.rank == 0:
-        save_json({"args": args_dict, "model_cfg": cfg.to_dict()}, out_dir / "config.json")
-    tb = TensorBoard(args.log_dir or str(out_dir), enabled=info.rank == 0)
+    train_model = run.wrap(model)
+    run.save_config(model_cfg=cfg.to_dict())
 
     t0 = time.time()
     stats: dict = {}
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size if epoch == start_epoch else 0)
+        skip = start_step if epoch == start_epoch else 0
+        loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         stats = train_one_epoch(train_model, targets, layer_targets, loader, optimizer, scaler, device, amp_dtype,
-                                epoch, args, tb, start_step=start_step if epoch == start_epoch else 0)
-        if info.rank == 0:
-            state = ckpt_util.training_state(model, optimizer, scaler, epoch, args_dict, cfg.to_dict())
-            ckpt_util.save_atomic(state, out_dir / ckpt_util.LAST)
-            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
-                ckpt_util.save_atomic(state, out_dir / f"checkpoint-{epoch}.pth")
-            append_jsonl({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}, out_dir / "log.txt")
-            tb.flush()
-        dist_util.barrier()
+                                epoch, args, run.tb, start_step=skip)
+        run.end_epoch(lambda epoch=epoch: ckpt_util.training_state(model, optimizer, scaler, epoch, run.args_dict(),
+                                                       cfg.to_dict()),
+                      epoch, {f"train_{k}": v for k, v in stats.items()})
     _log.info("training time %s", fmt_seconds(time.time() - t0))
-    tb.close()
-    dist_util.cleanup()
+    run.finish()
     return stats
 
 

@@ -1,0 +1,215 @@
+"""Weight adaptation, in one place: reading weights from anywhere, key renames between layouts,
+head removal and position-embedding resizing (timm's ``checkpoint_filter_fn`` idea).
+
+Layouts this module knows:
+
+* **ours** (``models_deepmim``): encoder under MAE/timm names, decoders as ``decoders.{layer}.{embed,
+  mask_token, blocks.j, norm, pred}`` plus one shared ``decoder_pos_embed``;
+* **reference DeepMIM release**: ``decoder_embed{k}``, ``mask_token{k}``, ``decoder_blocks{k}.{j}``,
+  ``decoder_norm{k}``, ``decoder_pred{k}`` for k = 1..N (the supervised layers in order) and one
+  ``decoder_pos_embed``;
+* **MAE release**: one decoder named ``decoder_embed``, ``mask_token``, ``decoder_blocks.{j}``,
+  ``decoder_norm``, ``decoder_pred`` (the last layer's);
+* **timm / encoder-only**: the encoder alone (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+  ``blocks``, ``norm`` / ``fc_norm``, ``head``); ``backbone.`` / ``module.`` / ``encoder.`` prefixes
+  are removed.
+"""
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from util.checkpoint import load_file
+from util.errors import UserError
+from util.pos_embed import resize_pos_embed
+
+_log = logging.getLogger(__name__)
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
+HEAD_PREFIXES = ("head.", "fc_norm.")
+WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.", "_orig_mod.")
+REF_DECODER = re.compile(r"^(decoder_embed|mask_token|decoder_blocks|decoder_norm|decoder_pred)(\d+)(\..*)?$")
+MAE_DECODER = re.compile(r"^(decoder_embed|mask_token|decoder_blocks|decoder_norm|decoder_pred)(\..*)?$")
+OUR_DECODER = re.compile(r"^decoders\.(\d+)\.(embed|mask_token|blocks|norm|pred)(\..*)?$")
+_REF_TO_OURS = {"decoder_embed": "embed", "mask_token": "mask_token", "decoder_blocks": "blocks",
+                "decoder_norm": "norm", "decoder_pred": "pred"}
+_OURS_TO_REF = {v: k for k, v in _REF_TO_OURS.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def fetch_url(url: str, sha256: Optional[str] = None) -> str:
+    """Download ``url`` once into the torch hub cache (progress bar); verify ``sha256`` if given."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / (os.path.basename(urlparse(url).path) or "checkpoint.pth")
+    if not dest.exists():
+        _log.info("downloading %s to %s", url, dest)
+        try:
+            torch.hub.download_url_to_file(url, str(dest), progress=True)
+        except Exception as e:  # network errors come in many types
+            raise UserError(f"Could not download {url} ({e}). Offline? Download it elsewhere and pass the file.") from None
+    if sha256:
+        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+        if not digest.startswith(sha256.lower()):
+            raise UserError(f"{dest} has sha256 {digest}, expected {sha256}. Delete it to download again.")
+    return str(dest)
+
+
+def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint (file, ``.safetensors`` or http(s) URL), unwrapped from
+    ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
+    if source.startswith(("http://", "https://")):
+        source = fetch_url(source, sha256)
+    obj = load_file(source)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "module", "model_ema"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{source} does not hold a state dict of tensors.")
+    sd = {}
+    for k, v in obj.items():
+        if not torch.is_tensor(v):
+            continue
+        for p in WRAPPER_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        sd[k] = v
+    return sd
+
+
+def layout(sd: Dict[str, torch.Tensor]) -> str:
+    """``'ours'``, ``'reference'``, ``'mae'``, ``'encoder'`` or ``'unknown'`` for a state dict."""
+    has_encoder = "patch_embed.proj.weight" in sd and any(k.startswith("blocks.") for k in sd)
+    if not has_encoder:
+        return "unknown"
+    if any(OUR_DECODER.match(k) for k in sd):
+        return "ours"
+    if any(REF_DECODER.match(k) for k in sd):
+        return "reference"
+    if any(MAE_DECODER.match(k) for k in sd):
+        return "mae"
+    return "encoder"
+
+
+def require_layout(sd: Dict[str, torch.Tensor], allowed: Sequence[str], source: str) -> str:
+    kind = layout(sd)
+    if kind not in allowed:
+        sample = ", ".join(list(sd)[:6])
+        raise UserError(
+            f"{source} is not a {' / '.join(allowed)} checkpoint (found the {kind} layout; keys {sample}, ...)."
+        )
+    return kind
+
+
+# --------------------------------------------------------------------------------------------
+# key renames between layouts
+
+
+def reference_to_ours(sd: Dict[str, torch.Tensor], ds_layers: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Reference DeepMIM (``decoder_embed{k}``...) or MAE (one decoder) keys -> ours."""
+    out = {}
+    for k, v in sd.items():
+        m = REF_DECODER.match(k)
+        if m:
+            kind, idx, rest = m.group(1), int(m.group(2)), m.group(3) or ""
+            if not 1 <= idx <= len(ds_layers):
+                raise UserError(f"decoder {idx} in the checkpoint but --ds_layers names {len(ds_layers)} layers")
+            out[f"decoders.{ds_layers[idx - 1]}.{_REF_TO_OURS[kind]}{rest}"] = v
+            continue
+        m = MAE_DECODER.match(k)
+        if m:
+            out[f"decoders.{ds_layers[-1]}.{_REF_TO_OURS[m.group(1)]}{m.group(2) or ''}"] = v
+            continue
+        out[k] = v
+    return out
+
+
+def ours_to_reference(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Ours -> the reference release's numbered decoder names (k = 1..N in layer order)."""
+    layers = sorted({int(m.group(1)) for k in sd if (m := OUR_DECODER.match(k))})
+    index = {layer: i + 1 for i, layer in enumerate(layers)}
+    out = {}
+    for k, v in sd.items():
+        m = OUR_DECODER.match(k)
+        if m:
+            out[f"{_OURS_TO_REF[m.group(2)]}{index[int(m.group(1))]}{m.group(3) or ''}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def encoder_only(sd: Dict[str, torch.Tensor], keep_head: bool = True) -> Dict[str, torch.Tensor]:
+    """The encoder's tensors (drops decoders, mask tokens, decoder position table)."""
+    prefixes = ENCODER_PREFIXES if keep_head else tuple(p for p in ENCODER_PREFIXES if p not in HEAD_PREFIXES)
+    return {k: v for k, v in sd.items() if k.startswith(prefixes)}
+
+
+def infer_encoder_config(sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """Encoder shape from the tensors: width, depth, patch size, image size (square grid)."""
+    width, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    return dict(embed_dim=width, depth=depth, patch_size=patch, img_size=grid * patch)
+
+
+# --------------------------------------------------------------------------------------------
+# loading an encoder into a ViT for fine-tuning / probing / segmentation
+
+
+def adapt_to_vit(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """checkpoint_filter_fn: encoder keys only, pos-embed resized to the model's grid, and a head /
+    fc_norm whose shape differs from the model's dropped (it is re-initialised)."""
+    sd = encoder_only(sd)
+    target = model.state_dict()
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
+        grid = model.patch_embed.grid_size
+        old = sd["pos_embed"].shape
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_prefix_tokens=1)
+        _log.info("position embedding resized from %s to %s", tuple(old), tuple(sd["pos_embed"].shape))
+    for k in [k for k in sd if k.startswith(HEAD_PREFIXES)]:
+        if k not in target or target[k].shape != sd[k].shape:
+            del sd[k]
+    return sd
+
+
+def load_encoder(model: nn.Module, source: str, sha256: Optional[str] = None,
+                 allowed_missing: Tuple[str, ...] = HEAD_PREFIXES) -> Tuple[List[str], List[str]]:
+    """Load a pre-trained encoder from any supported source into ``model`` (non-strict, checked).
+
+    Every model key must be present in the checkpoint except those starting with
+    ``allowed_missing`` (the head and ``fc_norm``): a missing encoder weight would silently stay
+    random, so it stops the run instead.
+
+    Returns:
+        (missing, unexpected) key lists, also logged.
+    """
+    sd = read_state_dict(source, sha256)
+    require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
+    sd = adapt_to_vit(sd, model)
+    model_keys = set(model.state_dict())
+    for k, v in list(sd.items()):
+        if k in model_keys and model.state_dict()[k].shape != v.shape:
+            raise UserError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model expects "
+                f"{tuple(model.state_dict()[k].shape)}. Pick the --model that matches the checkpoint."
+            )
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
+    if missing:
+        raise UserError(
+            f"{source} lacks {len(missing)} encoder weight(s) of this model (e.g. {', '.join(missing[:4])}); "
+            f"refusing to start from a partly random encoder. Check --model against the checkpoint."
+        )
+    _log.info("loaded %s: missing %s, unexpected %s", source, result.missing_keys, result.unexpected_keys)
+    return list(result.missing_keys), list(result.unexpected_keys)
