@@ -17,11 +17,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# pre-train DeepMIM (pixel target, layers 6/8/10/12) on the built-in digits, on CPU
+# pre-train DeepMIM (pixel target, layers 6/8/10/12) on the built-in digits on CPU, then fine-tune it
 demo: install
-	$(BIN)/python main_pretrain.py --data_path digits --model deepmim_vit_tiny_patch4 --device cpu \
-		--norm_pix_loss --epochs 12 --warmup_epochs 2 --batch_size 64 --blr 1.5e-3 \
-		--num_workers 1 --log_every 11 --save_every 4 --output_dir $(DEMO)/pretrain --no_auto_resume
+	$(BIN)/python tools/demo.py --output_dir $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -80,6 +80,6 @@ def create_model(name: str, **kwargs: Any) -> ViT:
     return MODELS.get(name)(**kwargs)
 
 
-def pretrain_name_for(vit_name: str) -> str:
-    """The pre-training model with the same encoder: ``vit_base_patch16`` -> ``deepmim_vit_base_patch16``."""
-    return "deepmim_" + vit_name
+def native_size(name: str) -> int:
+    """The input size a registered model is built for by default (224; 32 for ``vit_tiny_patch4``)."""
+    return create_model(name, num_classes=0, depth=1).patch_embed.img_size[0]

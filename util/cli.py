@@ -52,4 +52,29 @@ def add_optim_args(parser: argparse.ArgumentParser, blr: float, weight_decay: fl
     g.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower bound of the cosine schedule")
     g.add_argument("--warmup_epochs", type=float, default=warmup_epochs, metavar="N", help="epochs of linear warm-up")
     g.add_argument("--fused_adamw", default=None, action=argparse.BooleanOptionalAction,
-                   help="fused AdamW kernels (default: on for CUDA)")
+                   help="fused AdamW kernels (default: on for CUDA and CPU)")
+
+
+def add_classification_args(parser: argparse.ArgumentParser, model: str, epochs: int, batch_size: int,
+                            global_pool: bool) -> None:
+    """Flags shared by fine-tuning and linear probing (MAE's names)."""
+    parser.add_argument("--batch_size", default=batch_size, type=int,
+                        help="batch size per GPU (effective batch = batch_size * accum_iter * processes)")
+    parser.add_argument("--epochs", default=epochs, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation iterations")
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=model, type=str, metavar="MODEL", help="registered ViT name")
+    m.add_argument("--input_size", default=None, type=int, help="image size (default: the model's, 224 or 32)")
+    m.add_argument("--global_pool", action="store_true", help="average-pool the patch tokens")
+    m.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the cls token")
+    parser.set_defaults(global_pool=global_pool)
+    m.add_argument("--nb_classes", default=None, type=int, help="classes (default: the number of class folders)")
+    m.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
+    f = parser.add_argument_group("weights and evaluation")
+    f.add_argument("--finetune", default="", help="pre-trained checkpoint: file, .safetensors or http(s) URL")
+    f.add_argument("--finetune_sha256", default=None, help="expected sha256 (prefix) of a downloaded --finetune")
+    f.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on data_path/val")
+    f.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (each image once)")
+    f.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (timm's default; small images such as digits want ~0.5 1)")
+    f.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 for digits, text, ...)")

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -213,3 +213,27 @@ def load_encoder(model: nn.Module, source: str, sha256: Optional[str] = None,
         )
     _log.info("loaded %s: missing %s, unexpected %s", source, result.missing_keys, result.unexpected_keys)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding a pre-training config from weights alone (for converted reference / MAE releases)
+
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+def infer_pretrain_config(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None,
+                          decoder_num_heads: Optional[int] = None) -> Dict[str, Any]:
+    """A ``DeepMIMConfig`` dict for a state dict in our layout (heads cannot be read off weights:
+    the standard ViT head count for the width, or ``num_heads``; decoders default to 16 heads)."""
+    enc = infer_encoder_config(sd)
+    layers = sorted({int(m.group(1)) for k in sd if (m := OUR_DECODER.match(k))})
+    first = f"decoders.{layers[0]}"
+    dec_dim = sd[f"{first}.embed.weight"].shape[0]
+    dec_depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"{first}.blocks."))
+    pred_dims = [sd[f"decoders.{layer}.pred.weight"].shape[0] for layer in layers]
+    pixel_dim = enc["patch_size"] ** 2 * 3
+    return dict(
+        **enc, num_heads=num_heads or STANDARD_HEADS.get(enc["embed_dim"], max(1, enc["embed_dim"] // 64)),
+        decoder_embed_dim=dec_dim, decoder_depth=dec_depth, decoder_num_heads=decoder_num_heads or 16,
+        ds_layers=layers, pred_dims=pred_dims, losses=["mse" if d == pixel_dim else "cosine" for d in pred_dims],
+    )

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -239,3 +239,85 @@ def eval_loader(
         drop_last=False,
         persistent_workers=num_workers > 0,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# classification (fine-tuning, linear probing)
+
+
+def eval_transform(input_size: int):
+    """Resize to ``input_size / 0.875`` (bicubic), center crop, normalize (MAE / DeiT evaluation)."""
+    from timm.data import create_transform
+
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize that also accepts 0 bits (a black image), as Pillow did before 13.0.
+
+    timm's RandAugment asks for 0 bits at the top magnitude of ``PosterizeIncreasing`` (m9 with
+    ``mstd0.5`` reaches it); Pillow >= 13 raises on it, which would crash fine-tuning mid-epoch.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform):
+    """Point the posterize ops of timm's RandAugment / AutoAugment inside ``transform`` at :func:`_posterize`."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+def finetune_transform(args):
+    """timm's training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing."""
+    from timm.data import create_transform
+
+    return _fix_posterize(create_transform(
+        args.input_size, is_training=True, scale=tuple(args.crop_scale), hflip=args.hflip, color_jitter=args.color_jitter,
+        auto_augment=None if args.aa in ("", "none") else args.aa,
+        interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    ))
+
+
+def linprobe_transform(input_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5
+                       ) -> transforms.Compose:
+    """MAE's linear-probing augmentation: RandomResizedCrop (bicubic) + flip + normalize."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=tuple(crop_scale), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(hflip),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def classification_datasets(data_path: str, train_transform, val_transform, nb_classes: Optional[int] = None,
+                            need_train: bool = True):
+    """``(train, val, nb_classes)`` from ``data_path/{train,val}``; ``train`` is None if not needed.
+
+    ``nb_classes`` defaults to the number of class folders; fewer classes than folders is refused
+    (labels would run past the head), more is allowed with a warning.
+    """
+    root = resolve_data_path(data_path)
+    val = image_folder(root / "val", val_transform, "validation")
+    train = image_folder(root / "train", train_transform, "training") if need_train else None
+    found = len((train or val).classes)
+    if train is not None and train.classes != val.classes:
+        raise UserError(f"{root}/train and {root}/val have different class folders; they must match.")
+    if nb_classes is None:
+        nb_classes = found
+    elif nb_classes < found:
+        raise UserError(f"--nb_classes {nb_classes} but {root} has {found} class folders. Pass --nb_classes {found}.")
+    elif nb_classes > found:
+        _log.warning("--nb_classes %d but only %d class folders in %s", nb_classes, found, root)
+    return train, val, nb_classes
