@@ -1,0 +1,188 @@
+"""Loading every checkpoint a user is likely to have, and converting between layouts."""
+import argparse
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import run_script
+from safetensors.torch import save_file
+
+import models_deepmim
+import models_vit
+from tools import convert_checkpoint
+from util import convert
+from util.errors import UserError
+
+PRE = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
+           decoder_num_heads=2)
+HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def vit(**kw):
+    return models_vit.create_model("vit_tiny_patch4", **{"img_size": 16, "embed_dim": 48, "depth": 4,
+                                                          "num_heads": 3, "num_classes": 10, **kw})
+
+
+@pytest.fixture()
+def pretrained(tmp_path):
+    """This repo's pre-training checkpoint of a tiny DeepMIM (layers 2 and 4 supervised)."""
+    torch.manual_seed(0)
+    model = models_deepmim.DeepMIM(models_deepmim.DeepMIMConfig(**PRE, ds_layers=(2, 4)))
+    path = tmp_path / "checkpoint-9.pth"
+    torch.save({"model": model.state_dict(), "epoch": 9, "args": {"model": "tiny"},
+                "model_cfg": model.cfg.to_dict()}, path)
+    return model, path
+
+
+def test_reference_layout_loads_with_exactly_head_keys_missing(pretrained, tmp_path):
+    model, _ = pretrained
+    ref = convert.ours_to_reference(model.state_dict())
+    assert "decoder_embed1.weight" in ref and "decoder_blocks2.0.attn.qkv.weight" in ref and "mask_token2" in ref
+    path = tmp_path / "deepmim_release.pth"
+    torch.save({"model": ref, "epoch": 1599}, path)
+    target = vit()
+    missing, unexpected = convert.load_encoder(target, str(path))
+    assert set(missing) == HEAD_KEYS
+    assert torch.equal(target.blocks[3].mlp.fc1.weight, model.blocks[3].mlp.fc1.weight)
+    assert torch.equal(target.pos_embed, model.pos_embed)
+
+    del ref["blocks.3.mlp.fc1.weight"]
+    torch.save({"model": ref}, path)
+    with pytest.raises(UserError, match=r"lacks 1 encoder weight.*blocks.3.mlp.fc1.weight.*partly random"):
+        convert.load_encoder(vit(), str(path))
+
+
+@pytest.mark.parametrize("kind", ["ours", "mae", "timm", "encoder_prefixed", "safetensors"])
+def test_every_supported_source_loads(pretrained, tmp_path, kind):
+    model, path = pretrained
+    sd = model.state_dict()
+    encoder = convert.encoder_only(sd)
+    if kind == "mae":  # one decoder with MAE's names
+        mae = {k: v for k, v in sd.items() if not k.startswith("decoders.2.")}
+        mae = {k.replace("decoders.4.embed", "decoder_embed").replace("decoders.4.blocks", "decoder_blocks")
+               .replace("decoders.4.norm", "decoder_norm").replace("decoders.4.pred", "decoder_pred")
+               .replace("decoders.4.mask_token", "mask_token"): v for k, v in mae.items()}
+        assert convert.layout(mae) == "mae"
+        path = tmp_path / "mae.pth"
+        torch.save({"model": mae}, path)
+    elif kind == "timm":
+        path = tmp_path / "timm.pth"
+        torch.save(encoder, path)
+    elif kind == "encoder_prefixed":
+        path = tmp_path / "backbone.pth"
+        torch.save({"state_dict": {f"backbone.{k}": v for k, v in encoder.items()}}, path)
+    elif kind == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in encoder.items()}, str(path))
+    target = vit()
+    missing, _ = convert.load_encoder(target, str(path))
+    assert set(missing) == HEAD_KEYS
+    assert torch.equal(target.patch_embed.proj.weight, model.patch_embed.proj.weight)
+
+
+def test_position_embedding_is_resized_for_another_input_size(pretrained):
+    model, path = pretrained
+    target = vit(img_size=32)  # 8x8 grid instead of 4x4
+    convert.load_encoder(target, str(path))
+    assert target.pos_embed.shape == (1, 65, 48)
+    same = vit()
+    convert.load_encoder(same, str(path))
+    assert torch.equal(same.pos_embed, model.pos_embed)  # identity at equal size
+
+
+def test_loading_refuses_foreign_files_and_wrong_models(pretrained, tmp_path):
+    _, path = pretrained
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, foreign)
+    with pytest.raises(UserError, match="is not a ours / reference / mae / encoder checkpoint"):
+        convert.load_encoder(vit(), str(foreign))
+    with pytest.raises(UserError, match="has shape .* but the model expects"):
+        convert.load_encoder(vit(embed_dim=96, num_heads=3), str(path))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, pickled)  # as MAE saved
+    with pytest.raises(UserError, match="weights-only load refuses"):
+        convert.load_encoder(vit(), str(pickled))
+
+
+def test_url_is_downloaded_once_with_sha256_check(pretrained, tmp_path, monkeypatch):
+    _, path = pretrained
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(path.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    url = f"http://127.0.0.1:{server.server_port}/{path.name}"
+    try:
+        import hashlib
+
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        convert.load_encoder(vit(), url, sha256=digest[:16])
+        convert.load_encoder(vit(), url)
+        assert len(requests) == 1  # cached in the torch hub folder after the first call
+        assert (Path(torch.hub.get_dir()) / "checkpoints" / path.name).exists()
+        assert str(torch.hub.get_dir()).startswith(str(tmp_path))
+        with pytest.raises(UserError, match="has sha256 .* expected 0000"):
+            convert.load_encoder(vit(), url, sha256="0000")
+        with pytest.raises(UserError, match="Could not download"):
+            convert.load_encoder(vit(), f"http://127.0.0.1:{server.server_port}/missing.pth")
+    finally:
+        server.shutdown()
+
+
+def test_timm_export_loads_strictly_and_gives_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = vit(img_size=32).eval()  # a "fine-tuned" model: fc_norm + head
+    src = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3, "args": {}}, src)
+    proc = run_script("tools/convert_checkpoint.py", src, tmp_path / "timm.pth", "--to", "timm")
+    assert "global_pool='avg'" in proc.stdout
+    sd = torch.load(tmp_path / "timm.pth", weights_only=True)
+    ref = timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                        num_classes=10, global_pool="avg").eval()
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), model(x), atol=1e-5)
+
+
+def tool(*args):
+    convert_checkpoint.main(convert_checkpoint.get_args_parser().parse_args([str(a) for a in args]))
+
+
+def test_convert_tool_round_trips_and_refuses_unknown_files(pretrained, tmp_path):
+    model, path = pretrained
+    tool(path, tmp_path / "ref.pth", "--to", "reference")
+    ref = torch.load(tmp_path / "ref.pth", weights_only=True)
+    assert ref["epoch"] == 9 and "decoder_pred2.weight" in ref["model"]
+    tool(tmp_path / "ref.pth", tmp_path / "ours.pth", "--to", "ours", "--ds_layers", "2,4", "--num_heads", "3",
+         "--decoder_num_heads", "2")
+    ours = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert ours["model"].keys() == model.state_dict().keys()
+    assert all(torch.equal(ours["model"][k], v) for k, v in model.state_dict().items())
+    rebuilt = models_deepmim.model_from_config(ours["model_cfg"])
+    rebuilt.load_state_dict(ours["model"])  # strict: the inferred config matches
+    assert rebuilt.cfg == model.cfg
+
+    tool(path, tmp_path / "bb.pth", "--to", "backbone")
+    bb = torch.load(tmp_path / "bb.pth", weights_only=True)["state_dict"]
+    assert all(k.startswith("backbone.") for k in bb) and "backbone.blocks.0.attn.qkv.weight" in bb
+    assert not any("decoder" in k for k in bb)
+    tool(path, tmp_path / "enc.pth", "--to", "encoder")
+    assert set(torch.load(tmp_path / "enc.pth", weights_only=True)) == {"model"}
+
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, foreign)
+    for to in ("ours", "reference", "timm", "backbone"):
+        with pytest.raises(UserError, match=r"is not a .* checkpoint \(found the unknown layout"):
+            tool(foreign, tmp_path / "x.pth", "--to", to)
+    with pytest.raises(UserError, match=r"is not a reference / mae checkpoint \(found the ours layout"):
+        tool(path, tmp_path / "x.pth", "--to", "ours")
+    assert not (tmp_path / "x.pth").exists()
