@@ -309,21 +309,29 @@ class DeepMIM(nn.Module):
             noise: optional [N, L] masking noise (reproducible masks).
             return_pred: also return each layer's predictions.
         """
+        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        preds = self.forward_decoders(feats, ids_restore)
+        loss, layer_losses = self.forward_loss(preds, targets, mask)
+        return DeepMIMOutput(loss, layer_losses, mask, preds if return_pred else None)
+
+    def forward_loss(
+        self, preds: Sequence[torch.Tensor], targets: Union[torch.Tensor, Sequence[torch.Tensor]], mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's loss averaged over the masked patches (in float32), and their weighted sum.
+
+        Returns:
+            (loss, layer_losses [K]).
+        """
         k = len(self.cfg.ds_layers)
         if isinstance(targets, torch.Tensor):
             targets = [targets] * k
         if len(targets) != k:
             raise ValueError(f"expected {k} targets (one per supervised layer), got {len(targets)}")
-        feats, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        preds = self.forward_decoders(feats, ids_restore)
-        layer_losses = torch.stack(
-            [
-                masked_mean(LOSSES[name](pred.float(), tgt.float()), mask)
-                for pred, tgt, name in zip(preds, targets, self.cfg.losses)
-            ]
-        )
-        loss = (layer_losses * self.ds_weights).sum()
-        return DeepMIMOutput(loss, layer_losses, mask, preds if return_pred else None)
+        layer_losses = torch.stack([
+            masked_mean(LOSSES[name](pred.float(), tgt.float()), mask)
+            for pred, tgt, name in zip(preds, targets, self.cfg.losses)
+        ])
+        return (layer_losses * self.ds_weights).sum(), layer_losses
 
 
 # --------------------------------------------------------------------------------------------
