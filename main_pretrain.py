@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -19,7 +20,7 @@ from util.datasets import image_folder, pretrain_transform, resolve_data_path, t
 from util.misc import fmt_seconds, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
 from util.runner import start_run
-from util.targets import build_targets, describe_targets
+from util.targets import Target, build_targets, describe_targets
 
 _log = logging.getLogger("main_pretrain")
 
@@ -53,11 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
-    run = start_run(args)
-    device, amp_dtype = run.device, run.amp_dtype
+def build_model_and_targets(args: argparse.Namespace, device: torch.device, amp_dtype: Optional[torch.dtype]
+                            ) -> Tuple[models_deepmim.DeepMIMConfig, Dict[str, Target], List[str]]:
+    """The model config and the targets the flags ask for (targets on ``device``, frozen, in the amp dtype).
 
-    # model config first: the targets need its patch grid, the decoders need the targets' widths
+    The config comes first because the targets need its patch grid; then the decoders' prediction
+    widths and losses come from the targets. Resolved values are written back into ``args``.
+    """
     cfg = models_deepmim.model_config(
         args.model, img_size=args.input_size, ds_layers=args.ds_layers, ds_weights=args.ds_weights,
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
@@ -69,6 +72,14 @@ def main(args: argparse.Namespace) -> dict:
     args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
     for t in targets.values():
         t.to(device=device, dtype=amp_dtype or torch.float32)
+    return cfg, targets, layer_targets
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = start_run(args)
+    device, amp_dtype = run.device, run.amp_dtype
+
+    cfg, targets, layer_targets = build_model_and_targets(args, device, amp_dtype)
 
     dataset = image_folder(resolve_data_path(args.data_path) / "train", pretrain_transform(cfg.img_size), "training")
     loader = train_loader(dataset, args.batch_size, run.info.rank, run.info.world_size, args.seed, args.num_workers,
