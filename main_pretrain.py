@@ -72,6 +72,8 @@ def build_model_and_targets(args: argparse.Namespace, device: torch.device, amp_
     args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
     for t in targets.values():
         t.to(device=device, dtype=amp_dtype or torch.float32)
+    if getattr(args, "compile", False):  # the frozen teacher is compiled on its own (inference graph)
+        targets = {name: torch.compile(t) for name, t in targets.items()}
     return cfg, targets, layer_targets
 
 

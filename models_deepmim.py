@@ -172,7 +172,7 @@ class DeepMIM(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         # fixed sin-cos tables: buffers, saved in the state dict under MAE's names
         self.register_buffer("pos_embed", sincos_2d(cfg.embed_dim, cfg.grid, cls_token=True)[None])
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             [
                 Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=dpr[i])

@@ -32,6 +32,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision (auto: bf16 on GPUs that support it, else fp16; none on CPU)")
     g.add_argument("--log_every", default=20, type=int, help="iterations between log lines / TensorBoard points")
     g.add_argument("--save_every", default=20, type=int, help="epochs between numbered checkpoints")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (and the teacher, separately)")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute blocks in the backward pass: less activation memory, about 1/3 more compute")
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")

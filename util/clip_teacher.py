@@ -93,25 +93,25 @@ def visual_state_dict(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, tor
     return {k: v.float() for k, v in visual.items()}
 
 
-def build_visual_from_state_dict(visual: Dict[str, torch.Tensor], quick_gelu: bool = True) -> nn.Module:
-    """Build open_clip's ``VisionTransformer`` with the shapes of ``visual`` and load it strictly."""
+def make_visual(image_size: int, patch_size: int, width: int, layers: int, mlp_ratio: float, output_dim: int,
+                quick_gelu: bool = True) -> nn.Module:
+    """open_clip's ``VisionTransformer`` with OpenAI CLIP's conventions (64-wide heads, QuickGELU)."""
     from open_clip.model import QuickGELU
     from open_clip.transformer import VisionTransformer
 
+    return VisionTransformer(
+        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=max(1, width // 64),
+        mlp_ratio=mlp_ratio, output_dim=output_dim, act_layer=QuickGELU if quick_gelu else nn.GELU,
+    )
+
+
+def build_visual_from_state_dict(visual: Dict[str, torch.Tensor], quick_gelu: bool = True) -> nn.Module:
+    """Build the image tower with the shapes of ``visual`` and load it strictly."""
     width, _, patch, _ = visual["conv1.weight"].shape
     layers = sum(1 for k in visual if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight"))
     grid = round((visual["positional_embedding"].shape[0] - 1) ** 0.5)
     mlp_width = visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    net = VisionTransformer(
-        image_size=patch * grid,
-        patch_size=patch,
-        width=width,
-        layers=layers,
-        heads=max(1, width // 64),
-        mlp_ratio=mlp_width / width,
-        output_dim=visual["proj"].shape[1],
-        act_layer=QuickGELU if quick_gelu else nn.GELU,
-    )
+    net = make_visual(patch * grid, patch, width, layers, mlp_width / width, visual["proj"].shape[1], quick_gelu)
     try:
         net.load_state_dict(visual, strict=True)
     except RuntimeError as e:

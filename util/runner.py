@@ -46,11 +46,19 @@ class Run:
             save_json({"args": self.args_dict(), **extra}, self.out_dir / "config.json")
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around ``model`` when there are several processes (no unused-parameter search)."""
-        if not self.info.distributed:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        """The module to train: ``--grad_checkpointing``, DDP when there are several processes (no
+        unused-parameter search: every parameter gets a gradient), then ``--compile``.
+
+        Checkpoints are always written from the plain ``model`` (see ``util.checkpoint.unwrap``).
+        """
+        if getattr(self.args, "grad_checkpointing", False):
+            model.set_grad_checkpointing(True)
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        if getattr(self.args, "compile", False):
+            model = torch.compile(model)
+        return model
 
     def resume(self, model: nn.Module, optimizer, scaler) -> Tuple[int, int, Dict[str, Any]]:
         """(start_epoch, start_step, checkpoint dict or {}) from --resume or the output folder."""

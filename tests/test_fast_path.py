@@ -1,0 +1,119 @@
+"""The fast path: fused attention, torch.compile, gradient checkpointing, no per-step host sync, benchmark."""
+import json
+
+import pytest
+import torch
+
+import models_deepmim
+from util.clip_teacher import CLIPTeacher, load_clip_visual
+from util.targets import PixelTarget
+
+CFG = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+           decoder_num_heads=2, ds_layers=(1, 2))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return models_deepmim.DeepMIM(models_deepmim.DeepMIMConfig(**CFG))
+
+
+def op_names(fn) -> set:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_student_and_teacher_attention_take_the_fused_path(tiny_clip):
+    model = tiny()
+    imgs = torch.randn(2, 3, 16, 16)
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    ops = op_names(lambda: model(imgs, PixelTarget(16, 4)(imgs)))
+    assert any("scaled_dot_product" in o for o in ops) and "aten::softmax" not in ops
+
+    teacher = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"])))
+    x = torch.randn(2, 3, 32, 32)
+    for ctx in (torch.inference_mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        def run(ctx=ctx):
+            with ctx(), torch.inference_mode():
+                teacher(x)
+        ops = op_names(run)
+        fused = [o for o in ops if "scaled_dot_product" in o or "_native_multi_head_attention" in o]
+        assert fused and "aten::softmax" not in ops, sorted(ops)
+
+
+def test_compiled_and_eager_losses_and_gradients_are_equal():
+    model = tiny()
+    imgs = torch.randn(4, 3, 16, 16)
+    target, noise = PixelTarget(16, 4, norm_pix=True)(imgs), torch.rand(4, 16)
+    eager = model(imgs, target, noise=noise)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)(imgs, target, noise=noise)
+    compiled.loss.backward()
+    assert torch.allclose(compiled.layer_losses, eager.layer_losses, atol=1e-5)
+    assert all(torch.allclose(p.grad, grads[n], atol=1e-5) for n, p in model.named_parameters())
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    model = tiny().train()
+    imgs = torch.randn(4, 3, 16, 16)
+    target, noise = PixelTarget(16, 4)(imgs), torch.rand(4, 16)
+    model(imgs, target, noise=noise).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(imgs, target, noise=noise).loss.backward()
+    assert all(torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in model.named_parameters())
+
+
+def test_training_loop_reads_the_device_only_at_log_steps(small_folder, tmp_path, monkeypatch):
+    """Host syncs (.item() / .tolist()) do not grow with the number of iterations between log steps."""
+    import main_pretrain
+
+    calls = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=original, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(batch_size: int) -> int:
+        calls.clear()
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args([
+            "--data_path", str(small_folder), "--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1",
+            "--batch_size", str(batch_size), "--epochs", "1", "--num_workers", "0", "--device", "cpu",
+            "--log_every", "1000", "--output_dir", str(tmp_path / str(batch_size)), "--input_size", "16"]))
+        return len(calls)
+
+    assert syncs(16) == syncs(4)  # 5 iterations and 20 iterations: the same reads, all at the end
+
+
+def test_benchmark_tool_reports_and_compares(tmp_path):
+    from tools import benchmark
+
+    out = tmp_path / "bench.json"
+    bargs = benchmark.get_args_parser().parse_args(["--steps", "2", "--rounds", "2", "--warmup", "1", "--json", str(out),
+                                                    "--compare", "", "--ds_layers 12"])
+    results = benchmark.main(bargs, ["--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--batch_size", "4",
+                                     "--device", "cpu", "--decoder_depth", "1"])
+    data = json.loads(out.read_text())
+    assert [r["setting"] for r in data["results"]] == ["", "--ds_layers 12"]
+    for r in results:
+        assert set(r["sections_ms"]) == {"data", "teacher", "encoder", "decoders", "backward", "optimizer"}
+        assert r["images_per_s"] > 0 and r["steps_timed"] == 2
+    # four decoders cost more FLOPs than one
+    assert results[0]["gflops_per_image"] > results[1]["gflops_per_image"] > 0
+
+
+@pytest.mark.parametrize("mode_args", [["--mode", "finetune"]])
+def test_benchmark_finetune_mode(mode_args):
+    from tools import benchmark
+
+    bargs = benchmark.get_args_parser().parse_args([*mode_args, "--steps", "1", "--rounds", "1", "--warmup", "1"])
+    (r,) = benchmark.main(bargs, ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "4",
+                                  "--device", "cpu"])
+    assert set(r["sections_ms"]) == {"data", "forward", "backward", "optimizer"} and r["gflops_per_image"] > 0

@@ -1,0 +1,286 @@
+"""Benchmark pre-training (or fine-tuning) steps: images/s, where the time goes, FLOPs, MFU, memory.
+
+Everything after ``--`` is a ``main_pretrain.py`` (or, with ``--mode finetune``, ``main_finetune.py``)
+command line, so every model, target, ``--ds_layers``, ``--input_size``, ``--amp``, ``--compile`` and
+``--grad_checkpointing`` setting of the real scripts can be measured as the scripts build it::
+
+    python tools/benchmark.py --steps 20 -- --model deepmim_vit_base_patch16 --batch_size 64 --amp bf16
+    # several settings in one process, alternating (ratios survive a noisy machine):
+    python tools/benchmark.py --compare "--ds_layers 12" "" "--compile" -- --model deepmim_vit_tiny_patch4
+
+Each step is split into data (host-to-device copy of a fixed batch, or the real loader with
+``--real_data``), teacher forward, encoder, decoders (with the loss), backward and optimizer; on
+GPUs the split is measured with CUDA events, on CPU with the wall clock. With ``--compile`` the
+student runs as one compiled graph, so encoder and decoders are reported together as ``student``.
+FLOPs per image come from ``torch.utils.flop_counter`` (teacher forward + student forward and
+backward); on GPUs the achieved TFLOP/s is compared with the device's dense bf16 peak (MFU).
+``--random_clip`` builds a random CLIP ViT-B/16 image tower (OpenAI's shapes) so that the CLIP
+target can be timed without the weights.
+"""
+import argparse
+import json
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import main_finetune  # noqa: E402
+import main_pretrain  # noqa: E402
+import models_deepmim  # noqa: E402
+import models_vit  # noqa: E402
+from util.dist import resolve_device  # noqa: E402
+from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything  # noqa: E402
+from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
+from util.targets import compute_targets  # noqa: E402
+
+# dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts)
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2,
+                    "V100": 125.0}
+
+
+class Timer:
+    """Marks section boundaries; CUDA events on GPUs (read once per step), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: List[tuple] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def sections(self) -> Dict[str, float]:
+        """Milliseconds per section since the previous mark (synchronizes on GPUs)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        self.marks = []
+        return out
+
+
+class Bench:
+    """One setting: its model, optimizer, batch and a step function returning section times."""
+
+    def __init__(self, label: str, mode: str, argv: List[str], bench_args: argparse.Namespace) -> None:
+        self.label = label
+        parser = (main_pretrain if mode == "pretrain" else main_finetune).get_args_parser()
+        args = parser.parse_args(argv)
+        self.device = resolve_device(args.device)
+        args.device = str(self.device)
+        self.amp = resolve_amp(args.amp, self.device)
+        self.batch = args.batch_size
+        seed_everything(0)
+        if mode == "pretrain":
+            if bench_args.random_clip and not args.clip_path:
+                args.clip_path = random_clip_file(models_deepmim.model_config(args.model, img_size=args.input_size))
+            cfg, self.targets, self.layer_targets = main_pretrain.build_model_and_targets(args, self.device, self.amp)
+            self.model = models_deepmim.DeepMIM(cfg).to(self.device)
+            groups, betas, size = weight_decay_groups(self.model, 0.05), (0.9, 0.95), cfg.img_size
+            self.mask_ratio = args.mask_ratio
+        else:
+            size = args.input_size or models_vit.native_size(args.model)
+            self.model = models_vit.create_model(args.model, num_classes=1000, img_size=size,
+                                                 drop_path_rate=args.drop_path).to(self.device)
+            groups, betas = layer_decay_groups(self.model, 0.05, args.layer_decay), (0.9, 0.999)
+            self.labels = torch.randint(0, 1000, (self.batch,), device=self.device)
+        if args.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = adamw(groups, 1e-4, betas=betas, device=self.device, fused=args.fused_adamw)
+        self.scaler = make_scaler(self.device, self.amp)
+        self.compiled = bool(args.compile)
+        self.student = torch.compile(self.model) if self.compiled else self.model  # targets: compiled by the builder
+        self.mode = mode
+        pin = self.device.type == "cuda"
+        self.host_batch = torch.randn(self.batch, 3, size, size).pin_memory() if pin else torch.randn(
+            self.batch, 3, size, size)
+        self.loader = iter(real_loader(args, size, mode)) if bench_args.real_data else None
+        self.timer = Timer(self.device)
+        self.times: List[Dict[str, float]] = []
+        self.flops_per_image: Optional[float] = None
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self, record: bool = True) -> None:
+        t = self.timer
+        t.mark("start")
+        host = next(self.loader)[0] if self.loader is not None else self.host_batch
+        imgs = host.to(self.device, non_blocking=True)
+        t.mark("data")
+        with autocast(self.device, self.amp):
+            if self.mode == "pretrain":
+                tgt = compute_targets(self.targets, imgs)
+                t.mark("teacher")
+                per_layer = [tgt[n] for n in self.layer_targets]
+                if self.compiled:
+                    loss = self.student(imgs, per_layer, mask_ratio=self.mask_ratio).loss
+                    t.mark("student")
+                else:
+                    feats, mask, ids = self.model.forward_encoder(imgs, self.mask_ratio)
+                    t.mark("encoder")
+                    loss, _ = self.model.forward_loss(self.model.forward_decoders(feats, ids), per_layer, mask)
+                    t.mark("decoders")
+            else:
+                loss = torch.nn.functional.cross_entropy(self.student(imgs), self.labels)
+                t.mark("forward")
+        self.scaler.scale(loss).backward()
+        t.mark("backward")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        t.mark("optimizer")
+        sections = t.sections()
+        if record:
+            self.times.append(sections)
+
+    def count_flops(self) -> None:
+        """FLOPs of one step (teacher forward + student forward and backward) per image."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.step(record=False)
+        self.flops_per_image = counter.get_total_flops() / self.batch
+
+    # -- results ---------------------------------------------------------------------------
+    def summary(self, peak_tflops: Optional[float]) -> Dict[str, Any]:
+        names = list(self.times[0])
+        med = {n: statistics.median(t[n] for t in self.times) for n in names}
+        totals = [sum(t.values()) for t in self.times]
+        step_ms = statistics.median(totals)
+        ips = self.batch / (step_ms / 1e3)
+        out: Dict[str, Any] = {"setting": self.label, "images_per_s": ips, "step_ms": step_ms,
+                               "step_ms_spread": [min(totals), max(totals)], "sections_ms": med,
+                               "batch_size": self.batch, "steps_timed": len(self.times),
+                               "gflops_per_image": self.flops_per_image / 1e9 if self.flops_per_image else None}
+        if self.device.type == "cuda":
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.flops_per_image:
+                out["achieved_tflops"] = self.flops_per_image * ips / 1e12
+                out["mfu"] = out["achieved_tflops"] / peak_tflops if peak_tflops else None
+        return out
+
+
+def random_clip_file(cfg) -> str:
+    """A random CLIP ViT-B/16-shaped image tower for the student's grid, saved as OpenAI-style keys."""
+    from util.clip_teacher import make_visual
+
+    visual = make_visual(image_size=cfg.img_size, patch_size=cfg.patch_size, width=768, layers=12,
+                         mlp_ratio=4.0, output_dim=512)
+    path = Path(tempfile.mkdtemp(prefix="bench-clip-")) / "random_clip_vit_b16.pt"
+    torch.save({f"visual.{k}": v for k, v in visual.state_dict().items()}, path)
+    return str(path)
+
+
+def real_loader(args: argparse.Namespace, size: int, mode: str):
+    """The training loader the scripts use (``--data_path``), cycled forever."""
+    from util.datasets import finetune_transform, image_folder, pretrain_transform, resolve_data_path, train_loader
+
+    if mode == "finetune":
+        args.input_size = size
+    tf = pretrain_transform(size) if mode == "pretrain" else finetune_transform(args)
+    ds = image_folder(resolve_data_path(args.data_path) / "train", tf, "training")
+    loader = train_loader(ds, args.batch_size, 0, 1, 0, args.num_workers, args.pin_mem)
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def peak_for(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def print_table(results: List[Dict[str, Any]]) -> None:
+    sections = list(results[0]["sections_ms"])
+    head = ["setting", "img/s", "ms/step"] + [f"{s} ms" for s in sections] + ["GFLOP/img", "TFLOP/s", "MFU", "mem GB",
+                                                                             "ratio"]
+    rows = []
+    base = results[0]["images_per_s"]
+    for r in results:
+        fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        rows.append([r["setting"] or "(base)", fmt(r["images_per_s"]), fmt(r["step_ms"])]
+                    + [fmt(r["sections_ms"].get(s)) for s in sections]
+                    + [fmt(r["gflops_per_image"]), fmt(r.get("achieved_tflops")),
+                       "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", fmt(r.get("peak_memory_gb"), 2),
+                       f"{r['images_per_s'] / base:.2f}x"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for line in [head] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str, Any]]:
+    settings = bench_args.compare or [""]
+    benches = [Bench(s, bench_args.mode, base_argv + shlex.split(s), bench_args) for s in settings]
+    for b in benches:  # warm-up (and compilation), then FLOPs of one step
+        for _ in range(bench_args.warmup):
+            b.step(record=False)
+        if not bench_args.no_flops:
+            b.count_flops()
+    if benches[0].device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    per_round = max(1, bench_args.steps // bench_args.rounds)
+    for _ in range(bench_args.rounds):  # alternate settings so that drifts hit all of them alike
+        for b in benches:
+            for _ in range(per_round):
+                b.step()
+    device = benches[0].device
+    results = [b.summary(peak_for(device, bench_args.peak_tflops)) for b in benches]
+    print_table(results)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "mode": bench_args.mode,
+            "base_args": base_argv, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "results": results}
+    print(f"device: {info['device']}; torch {info['torch']}; {info['threads']} threads; "
+          f"process peak RSS {info['peak_rss_gb']:.2f} GB")
+    if bench_args.json:
+        Path(bench_args.json).write_text(json.dumps(info, indent=2) + "\n")
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("DeepMIM benchmark", epilog="Arguments after -- go to main_pretrain / main_finetune.")
+    p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per setting first (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=4, help="alternation rounds over the settings")
+    p.add_argument("--compare", nargs="+", default=None, metavar="FLAGS",
+                   help='settings to compare, each a string of script flags added to the base ("" = base)')
+    p.add_argument("--random_clip", action="store_true", help="time the CLIP target with a random ViT-B/16 tower")
+    p.add_argument("--real_data", action="store_true", help="load batches with the real loader from --data_path")
+    p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: known GPUs' bf16)")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def split_argv(argv: List[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+if __name__ == "__main__":
+    own, rest = split_argv(sys.argv[1:])
+    parsed = get_args_parser().parse_args(own)
+    if parsed.steps < 1 or parsed.rounds < 1:
+        raise SystemExit("error: --steps and --rounds must be at least 1")
+    run_cli(lambda a: main(a, rest), parsed)
