@@ -20,7 +20,7 @@ from util.datasets import image_folder, pretrain_transform, resolve_data_path, t
 from util.misc import fmt_seconds, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
 from util.runner import start_run
-from util.targets import Target, build_targets, describe_targets
+from util.targets import TARGETS, Target, build_targets, check_resume_targets, describe_targets
 
 _log = logging.getLogger("main_pretrain")
 
@@ -37,18 +37,41 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="registered model name (mae_vit_base_patch16 builds the same DeepMIM model)")
     m.add_argument("--input_size", default=None, type=int, help="image size (default: the model's, 224 or 32)")
     m.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    m.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalized pixels as the pixel target")
     m.add_argument("--ds_layers", default=None, type=str2list(int),
                    help="supervised encoder layers, 1-based (default 6,8,10,12 for depth 12); 12 alone = MAE")
     m.add_argument("--ds_weights", default=None, type=str2list(float), help="loss weight per supervised layer (default 1)")
     m.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (default: the model's, 512)")
     m.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (default: the model's, 4)")
     m.add_argument("--decoder_num_heads", default=None, type=int, help="decoder heads (default: the model's, 16)")
-    m.add_argument("--clip_path", default=None, type=str,
-                   help="CLIP weights for the CLIP target: OpenAI's ViT-B-16.pt, a visual.* state dict or open_clip file")
-    m.add_argument("--clip_model", default=None, type=str, help="open_clip model name (architecture of the CLIP teacher)")
-    m.add_argument("--clip_pretrained", default=None, type=str, help="open_clip pretrained tag (downloads when online)")
     m.add_argument("--clip_grad", default=None, type=float, help="clip gradient norm (default: off)")
+
+    t = p.add_argument_group("reconstruction targets", "what the decoders reconstruct (README: Reconstruction targets)")
+    t.add_argument("--target", default=None, choices=TARGETS.names(),
+                   help="the target of every supervised layer: pixel (MAE), hog (MaskFeat), clip (--clip_path), "
+                        "teacher (--teacher_model). Default: clip when --clip_path / --clip_model is given, else pixel")
+    t.add_argument("--ds_targets", default=None, type=str2list(str), metavar="NAMES",
+                   help="one target per --ds_layers entry instead, e.g. pixel,pixel,clip,clip; each distinct "
+                        "target runs once per step")
+    t.add_argument("--norm_pix_loss", action="store_true", help="pixel target: normalize each patch by its mean and std")
+    t.add_argument("--clip_path", default=None, type=str,
+                   help="clip target: OpenAI's ViT-B-16.pt, a visual.* state dict or an open_clip checkpoint")
+    t.add_argument("--clip_model", default=None, type=str, help="clip target: open_clip model name (architecture)")
+    t.add_argument("--clip_pretrained", default=None, type=str,
+                   help="clip target: open_clip pretrained tag (downloads when online)")
+    t.add_argument("--teacher_model", default=None, type=str, metavar="SPEC",
+                   help="teacher target: a timm model name (weights: --teacher_weights), deepmim:PATH (a checkpoint "
+                        "of this repo / MAE / the reference DeepMIM: its encoder), or open_clip[:NAME] (the CLIP of "
+                        "the --clip_* flags at any layer)")
+    t.add_argument("--teacher_weights", default=None, type=str, metavar="FILE",
+                   help="teacher target: local weights of the timm model (default: timm downloads them when online)")
+    t.add_argument("--teacher_layer", default=None, type=int, metavar="K",
+                   help="teacher target: 1-based teacher block whose tokens are reconstructed (default: the last, "
+                        "after its final norm)")
+    t.add_argument("--teacher_loss", default="cosine", choices=["cosine", "smooth_l1"],
+                   help="teacher target: loss (smooth_l1 on tokens standardized per token)")
+    t.add_argument("--teacher_input_size", default=None, type=int, metavar="PX",
+                   help="teacher target: resize the images to this side for a teacher with another patch size "
+                        "(grid x teacher patch, e.g. 196 for a /14 teacher and a /16 student at 224)")
     add_optim_args(p, blr=1.5e-4, weight_decay=0.05, warmup_epochs=40)
     add_run_args(p)
     return p
@@ -66,10 +89,13 @@ def build_model_and_targets(args: argparse.Namespace, device: torch.device, amp_
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     )
+    args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
     targets, layer_targets = build_targets(args, cfg.grid, cfg.img_size, cfg.patch_size, len(cfg.ds_layers))
     cfg = dataclasses.replace(cfg, pred_dims=tuple(targets[n].dim for n in layer_targets),
                               losses=tuple(targets[n].loss for n in layer_targets))
-    args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
+    # the resolved choice, as plain types in config.json and the checkpoints' args
+    args.ds_targets = list(layer_targets)
+    args.target = layer_targets[0] if len(set(layer_targets)) == 1 else None
     for t in targets.values():
         t.to(device=device, dtype=amp_dtype or torch.float32)
     if getattr(args, "compile", False):  # the frozen teacher is compiled on its own (inference graph)
@@ -94,7 +120,9 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = adamw(weight_decay_groups(model, args.weight_decay), args.lr, betas=(0.9, 0.95), device=device,
                       fused=args.fused_adamw)
     scaler = make_scaler(device, amp_dtype)
-    start_epoch, start_step, _ = run.resume(model, optimizer, scaler)
+    start_epoch, start_step, _ = run.resume(
+        model, optimizer, scaler,
+        check=lambda ckpt, path: check_resume_targets(ckpt, cfg.pred_dims, cfg.losses, layer_targets, path))
 
     _log.info("model %s: %s", args.model, cfg.to_dict())
     _log.info("targets: %s", describe_targets(targets, layer_targets))

@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -146,8 +146,13 @@ def resume(
     model: nn.Module,
     optimizer: Optional[torch.optim.Optimizer],
     scaler: Optional[torch.amp.GradScaler],
+    check: Optional[Callable[[Dict[str, Any], str], None]] = None,
 ) -> Tuple[int, int, Dict[str, Any]]:
     """Load a training checkpoint into model / optimizer / scaler.
+
+    Args:
+        check: called with (checkpoint, path) before anything is loaded; raises a ``UserError``
+            that says more than a state-dict mismatch would (e.g. other targets).
 
     Returns:
         (start_epoch, start_step, checkpoint): where training continues (``start_step`` iterations
@@ -156,6 +161,8 @@ def resume(
     ckpt = load_file(str(path))
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
+    if check is not None:
+        check(ckpt, str(path))
     try:
         unwrap(model).load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:

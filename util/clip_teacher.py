@@ -24,15 +24,14 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
-from util.targets import Target
+from util.targets import FrozenTeacher, check_layer, preprocess_stats
 
 _log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _REQUIRED = ("conv1.weight", "class_embedding", "positional_embedding", "ln_post.weight", "proj")
 
@@ -122,14 +121,20 @@ def build_visual_from_state_dict(visual: Dict[str, torch.Tensor], quick_gelu: bo
 def load_clip_visual(
     clip_path: Optional[str] = None, clip_model: Optional[str] = None, clip_pretrained: Optional[str] = None
 ) -> nn.Module:
-    """Return open_clip's image tower (``VisionTransformer``) for the given flags."""
+    """Return open_clip's image tower for the given flags: a ``VisionTransformer``, or with
+    ``--clip_model`` also a ``TimmModel`` (EVA-CLIP and other towers built on timm)."""
     if clip_model:
         import open_clip
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
         if clip_model not in open_clip.list_models():
             raise UserError(f"Unknown --clip_model {clip_model!r}; open_clip knows: {', '.join(open_clip.list_models())}")
         weights = clip_path or clip_pretrained
+        if not weights:  # open_clip would build a randomly initialised CLIP and only warn
+            raise UserError(
+                f"--clip_model {clip_model!r} needs weights: --clip_path FILE, or --clip_pretrained TAG when online."
+            )
         if clip_path:
             read_state_dict(clip_path)  # the same clear errors as without --clip_model
         try:
@@ -140,7 +145,7 @@ def load_clip_visual(
                 f"the weights file with --clip_path."
             ) from None
         visual = model.visual
-        if not isinstance(visual, VisionTransformer):
+        if not isinstance(visual, (VisionTransformer, TimmModel)):
             raise UserError(f"--clip_model {clip_model!r} has a {type(visual).__name__} image tower; a ViT is needed.")
         return visual
     if not clip_path:
@@ -148,41 +153,67 @@ def load_clip_visual(
     return build_visual_from_state_dict(visual_state_dict(read_state_dict(clip_path), repr(clip_path)))
 
 
-class CLIPTeacher(Target):
-    """Frozen CLIP image tower returning ``ln_post`` + ``proj`` tokens of every patch.
+class CLIPTeacher(FrozenTeacher):
+    """Frozen CLIP image tower (open_clip ``VisionTransformer``) as a target.
 
-    The input is ImageNet-normalized (what the student sees); it is re-normalized to CLIP's
-    statistics with one per-channel affine map: ``x_clip = x * a + b``.
+    By default (the ``clip`` target, the reference recipe) every patch token of the last block passes
+    ``ln_post`` and the projection ``proj``: CLIP's own output space. With ``layer`` < depth (the
+    ``teacher`` target with ``--teacher_model open_clip``) the raw tokens of that block are the
+    target, at the tower's width: ``proj`` is only defined on the ``ln_post`` output, and the
+    student's decoders predict any width directly, so no projection is needed.
 
     Args:
         visual: open_clip ``VisionTransformer``.
+        layer: 1-based block whose tokens are the target (default: the last).
+        loss: ``'cosine'`` (reference) or ``'smooth_l1'``.
+        input_size: resize the images to this side first (it must be the tower's image size).
         input_mean / input_std: the statistics the input images were normalized with.
     """
 
     def __init__(
         self,
         visual: nn.Module,
+        layer: Optional[int] = None,
+        loss: str = "cosine",
+        input_size: Optional[int] = None,
         input_mean: Sequence[float] = IMAGENET_MEAN,
         input_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__()
-        self.visual = visual.eval().requires_grad_(False)
-        in_mean, in_std = torch.tensor(input_mean), torch.tensor(input_std)
-        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-        self.register_buffer("scale", (in_std / clip_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((in_mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise UserError(
+                f"The clip target needs a ViT image tower; this CLIP has a {type(visual).__name__}. For open_clip "
+                f"models with a timm tower use --target teacher --teacher_model open_clip."
+            )
+        depth = len(visual.transformer.resblocks)
+        layer = check_layer(layer, depth, "CLIP image tower")
+        if input_size and input_size != visual.image_size[0]:
+            raise UserError(
+                f"--teacher_input_size {input_size}: this CLIP tower takes {visual.image_size[0]}-px images only."
+            )
+        mean, std = preprocess_stats(visual, CLIP_MEAN, CLIP_STD)
+        if layer < depth:  # drop the unused blocks, ln_post and proj from memory
+            visual.prune_intermediate_layers([layer - 1], prune_norm=True, prune_head=True)
+        super().__init__(visual, mean, std, loss, input_size, input_mean, input_std)
+        self.layer, self.last = layer, layer == depth
         self.grid = tuple(visual.grid_size)
-        self.dim = visual.proj.shape[1]
-        self.loss = "cosine"
+        self.dim = visual.proj.shape[1] if self.last and visual.proj is not None else visual.transformer.width
 
-    def train(self, mode: bool = True) -> "CLIPTeacher":
-        return super().train(False)  # always in eval mode
+    @property
+    def visual(self) -> nn.Module:
+        return self.net
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] ImageNet-normalized -> [N, L, output_dim] patch tokens (no cls token)."""
-        x = imgs.to(self.scale.dtype) * self.scale + self.shift
-        out = self.visual.forward_intermediates(
-            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalized [N, 3, H, W] -> [N, L, dim] patch tokens (no cls token)."""
+        out = self.net.forward_intermediates(
+            x, indices=[self.layer - 1], stop_early=True, normalize_intermediates=self.last,
+            intermediates_only=True, output_fmt="NLC",
         )
-        tokens = out["image_intermediates"][-1]  # ln_post(last block)[:, 1:] -> [N, L, width]
-        return tokens @ self.visual.proj
+        tokens = out["image_intermediates"][0]  # [N, L, width]
+        if self.last and self.net.proj is not None:
+            tokens = tokens @ self.net.proj
+        return tokens
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, loss={self.loss}"

@@ -69,7 +69,11 @@ def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torc
     ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
     if source.startswith(("http://", "https://")):
         source = fetch_url(source, sha256)
-    obj = load_file(source)
+    return state_dict_of(load_file(source), source)
+
+
+def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object (see :func:`read_state_dict`)."""
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "module", "model_ema"):
             if isinstance(obj.get(key), dict):
@@ -194,7 +198,12 @@ def load_encoder(model: nn.Module, source: str, sha256: Optional[str] = None,
     Returns:
         (missing, unexpected) key lists, also logged.
     """
-    sd = read_state_dict(source, sha256)
+    return load_encoder_state(model, read_state_dict(source, sha256), source, allowed_missing)
+
+
+def load_encoder_state(model: nn.Module, sd: Dict[str, torch.Tensor], source: str,
+                       allowed_missing: Tuple[str, ...] = HEAD_PREFIXES) -> Tuple[List[str], List[str]]:
+    """:func:`load_encoder` for a state dict already read from ``source``."""
     require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
     sd = adapt_to_vit(sd, model)
     model_keys = set(model.state_dict())

@@ -60,13 +60,15 @@ class Run:
             model = torch.compile(model)
         return model
 
-    def resume(self, model: nn.Module, optimizer, scaler) -> Tuple[int, int, Dict[str, Any]]:
-        """(start_epoch, start_step, checkpoint dict or {}) from --resume or the output folder."""
+    def resume(self, model: nn.Module, optimizer, scaler,
+               check: Optional[Callable[[Dict[str, Any], str], None]] = None) -> Tuple[int, int, Dict[str, Any]]:
+        """(start_epoch, start_step, checkpoint dict or {}) from --resume or the output folder;
+        ``check(checkpoint, path)`` may refuse it first (see ``ckpt_util.resume``)."""
         a = self.args
         path = Path(a.resume) if a.resume else (ckpt_util.find_resume(self.out_dir) if a.auto_resume else None)
         if path is None:
             return a.start_epoch, 0, {}
-        return ckpt_util.resume(path, model, optimizer, scaler)
+        return ckpt_util.resume(path, model, optimizer, scaler, check)
 
     def end_epoch(self, state_fn: Callable[[], Dict[str, Any]], epoch: int, log: Dict[str, Any],
                   best: bool = False) -> None:
