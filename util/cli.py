@@ -32,6 +32,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision (auto: bf16 on GPUs that support it, else fp16; none on CPU)")
     g.add_argument("--log_every", default=20, type=int, help="iterations between log lines / TensorBoard points")
     g.add_argument("--save_every", default=20, type=int, help="epochs between numbered checkpoints")
+    g.add_argument("--stop_check_every", default=10, type=int,
+                   help="optimizer steps between the checks that stop every process after the same step on "
+                        "SIGTERM / SIGUSR1 (each check: one tiny all-reduce on the CPU)")
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
