@@ -418,3 +418,45 @@ def test_a_partial_log_line_from_a_killed_run_is_dropped(tmp_path):
     log.write_text('{"epoch": 0}\n{"epoch": 1, "train_lo')
     append_jsonl({"epoch": 1}, log)
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/
+
+
+def fake_tool(bindir: Path, name: str, status: int) -> Path:
+    """``name`` on PATH: records its arguments and MASTER_PORT, exits with ``status``."""
+    bindir.mkdir(exist_ok=True)
+    log = bindir / f"{name}.log"
+    (bindir / name).write_text(f'#!/bin/sh\necho "MASTER_PORT=$MASTER_PORT $*" >> "{log}"\nexit {status}\n')
+    (bindir / name).chmod(0o755)
+    return log
+
+
+def test_slurm_scripts_submit_the_reference_jobs_and_report_preemption(tmp_path):
+    sbatch = (ROOT / "scripts" / "slurm_train.sbatch").read_text()
+    for option in ("--signal=USR1@120", "--requeue", "--open-mode=append", "--ntasks-per-node=8"):
+        assert f"#SBATCH {option}" in sbatch
+    bindir = tmp_path / "bin"
+    srun_log = fake_tool(bindir, "srun", EXIT_PREEMPTED)
+    sbatch_log = fake_tool(bindir, "sbatch", 0)
+    env = {**clean_env(PATH=f"{bindir}:{os.environ['PATH']}"), "CLIP": "clip.pt", "DATA": "/imagenet", "CKPT": "pt.pth"}
+
+    # the job body, as SLURM would run it: srun with one task per GPU, a port per job, status 3 explained
+    job = subprocess.run(["bash", ROOT / "scripts" / "slurm_train.sbatch", "main_pretrain.py", "--epochs", "2"],
+                         env={**env, "SLURM_JOB_ID": "123456", "SLURM_NNODES": "4", "SLURM_NTASKS": "32"},
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert job.returncode == EXIT_PREEMPTED
+    assert srun_log.read_text() == "MASTER_PORT=23456 --kill-on-bad-exit=1 python -u main_pretrain.py --epochs 2\n"
+    assert "stopped by a signal after writing checkpoint-last.pth" in job.stdout
+
+    # the reference submissions
+    for script in ("slurm_pretrain.sh", "slurm_finetune.sh"):
+        subprocess.run(["bash", ROOT / "scripts" / script], env=env, check=True, cwd=tmp_path)
+    pretrain, finetune = sbatch_log.read_text().splitlines()
+    assert f"--nodes 4 --job-name deepmim-pretrain {ROOT}/scripts/slurm_train.sbatch {ROOT}/main_pretrain.py " \
+           f"--model mae_vit_base_patch16 --clip_path clip.pt --batch_size 128 --epochs 1600 --warmup_epochs 40 " \
+           f"--blr 1.5e-4 --weight_decay 0.05 --mask_ratio 0.75 --data_path /imagenet" in pretrain
+    assert f"--nodes 1 --job-name deepmim-finetune {ROOT}/scripts/slurm_train.sbatch {ROOT}/main_finetune.py " \
+           f"--model vit_base_patch16 --finetune pt.pth --batch_size 128 --epochs 100 --blr 1e-4 --layer_decay 0.6 " \
+           f"--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval" in finetune
