@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from util.errors import Preempted, UserError
+from util.preempt import EXIT_PREEMPTED
 
 _log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def setup_logging(rank: int = 0, output_dir: Optional[str] = None) -> None:
 def run_cli(main: Callable[[Any], Any], args: Any) -> None:
     """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with 2,
     :class:`Preempted` (stopped by a signal, checkpoint written) exits with 3."""
-    from util.preempt import EXIT_PREEMPTED
-
     try:
         main(args)
     except Preempted as e:
