@@ -5,6 +5,7 @@ augmentation, never in how an epoch runs or how accuracy is counted.
 """
 import logging
 import time
+from functools import partial
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -43,6 +44,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     validation image is counted exactly once.
     """
     model.eval()
+    if reduce and dist_util.get_world_size() > 1:
+        # every shard must see the model that rank 0 saves: buffers (a probe's BatchNorm statistics)
+        # are not synchronised during training (broadcast_buffers=False)
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for imgs, labels in loader:
         imgs = imgs.to(device, non_blocking=True)
@@ -75,21 +81,26 @@ def fit(run: Run, model: nn.Module, train_model: nn.Module, loss_fn, train_loade
     args = run.args
     max_acc = float(resumed.get("max_accuracy", 0.0))
     test: Dict[str, float] = {}
+
+    def state(epoch: int, acc: float, step_in_epoch: int = 0) -> Dict[str, Any]:  # built on rank 0 only
+        return ckpt_util.training_state(model, optimizer, scaler, epoch, run.args_dict(), step_in_epoch=step_in_epoch,
+                                        max_accuracy=acc)
+
     t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
         skip = start_step if epoch == start_epoch else 0
         train_loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         train = run_epoch(train_model, loss_fn, ["loss"], train_loader, optimizer, scaler, run.device,
-                          run.amp_dtype, epoch, args, run.tb, start_step=skip)
+                          run.amp_dtype, epoch, args, run.tb, start_step=skip, should_stop=run.stop)
+        if "stopped_at" in train:  # preempted mid-epoch: checkpoint-last.pth, no evaluation, exit
+            run.end_epoch(partial(state, epoch, max_acc), epoch, {}, stopped_at=train["stopped_at"])
         test = evaluate(model, val_loader, run.device, run.amp_dtype, reduce=args.dist_eval)
         best = test["acc1"] > max_acc
         max_acc = max(max_acc, test["acc1"])
         _log.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% on %d images (best %.2f%%)", epoch, test["acc1"],
                   test["acc5"], test["count"], max_acc)
         run.tb.scalars({"test/acc1": test["acc1"], "test/acc5": test["acc5"], "test/loss": test["loss"]}, epoch)
-        state = lambda epoch=epoch, acc=max_acc: ckpt_util.training_state(  # noqa: E731 - built on rank 0 only
-            model, optimizer, scaler, epoch, run.args_dict(), max_accuracy=acc)
-        run.end_epoch(state, epoch, {**{f"train_{k}": v for k, v in train.items()},
+        run.end_epoch(partial(state, epoch, max_acc), epoch, {**{f"train_{k}": v for k, v in train.items()},
                                      **{f"test_{k}": v for k, v in test.items()}, "max_accuracy": max_acc}, best=best)
     _log.info("training time %s; best val top-1 %.2f%%", fmt_seconds(time.time() - t0), max_acc)
     return {**test, "max_accuracy": max_acc}
@@ -109,7 +120,8 @@ def run_classification(run: Run, model: nn.Module, optimizer, loss_fn, train_set
         stats = evaluate(model, val_loader, device, run.amp_dtype, reduce=args.dist_eval)
         _log.info("val top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images", stats["acc1"], stats["acc5"], stats["loss"],
                   stats["count"])
-        print(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
+        if run.is_main:
+            print(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
         return stats
     loader = train_loader(train_set, args.batch_size, run.info.rank, run.info.world_size, args.seed, args.num_workers, pin)
     _log.info("%d training / %d validation images, %d iterations per epoch", len(train_set), len(val_set), len(loader))

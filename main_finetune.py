@@ -22,7 +22,7 @@ from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, finetune_transform
 from util.misc import run_cli
 from util.optim import adamw, layer_decay_groups
-from util.runner import start_run
+from util.runner import Run, start_run
 
 _log = logging.getLogger("main_finetune")
 
@@ -56,7 +56,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = start_run(args)
+    with start_run(args) as run:
+        return finetune(run, args)
+
+
+def finetune(run: Run, args: argparse.Namespace) -> dict:
     args.input_size = args.input_size or models_vit.native_size(args.model)
     train_set, val_set, args.nb_classes = classification_datasets(
         args.data_path, finetune_transform(args), eval_transform(args.input_size), args.nb_classes,
@@ -87,9 +91,7 @@ def main(args: argparse.Namespace) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
     _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", args.model,
               args.nb_classes, eff_batch, args.lr, args.lr * 256 / eff_batch, args.layer_decay, run.amp_dtype)
-    stats = run_classification(run, model, optimizer, classification_loss(criterion, mixup_fn), train_set, val_set)
-    run.finish()
-    return stats
+    return run_classification(run, model, optimizer, classification_loss(criterion, mixup_fn), train_set, val_set)
 
 
 if __name__ == "__main__":

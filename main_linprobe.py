@@ -25,7 +25,7 @@ from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, linprobe_transform
 from util.errors import UserError
 from util.misc import run_cli
-from util.runner import start_run
+from util.runner import Run, start_run
 
 _log = logging.getLogger("main_linprobe")
 
@@ -71,7 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = start_run(args)
+    with start_run(args) as run:
+        return linprobe(run, args)
+
+
+def linprobe(run: Run, args: argparse.Namespace) -> dict:
     args.input_size = args.input_size or models_vit.native_size(args.model)
     train_set, val_set, args.nb_classes = classification_datasets(
         args.data_path, linprobe_transform(args.input_size, args.crop_scale, args.hflip), eval_transform(args.input_size),
@@ -99,9 +103,7 @@ def main(args: argparse.Namespace) -> dict:
     _log.info("%s: probing layer %d (%s) for %d classes; effective batch %d; lr %.3e (blr %.3e)", args.model,
               args.probe_layer, "avg pool" if args.global_pool else "cls token", args.nb_classes, eff_batch, args.lr,
               args.lr * 256 / eff_batch)
-    stats = run_classification(run, model, optimizer, classification_loss(nn.CrossEntropyLoss()), train_set, val_set)
-    run.finish()
-    return stats
+    return run_classification(run, model, optimizer, classification_loss(nn.CrossEntropyLoss()), train_set, val_set)
 
 
 if __name__ == "__main__":

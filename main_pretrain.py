@@ -19,7 +19,7 @@ from util.cli import add_optim_args, add_run_args, str2list
 from util.datasets import image_folder, pretrain_transform, resolve_data_path, train_loader
 from util.misc import fmt_seconds, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
-from util.runner import start_run
+from util.runner import Run, start_run
 from util.targets import TARGETS, Target, build_targets, check_resume_targets, describe_targets
 
 _log = logging.getLogger("main_pretrain")
@@ -104,7 +104,11 @@ def build_model_and_targets(args: argparse.Namespace, device: torch.device, amp_
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = start_run(args)
+    with start_run(args) as run:
+        return pretrain(run, args)
+
+
+def pretrain(run: Run, args: argparse.Namespace) -> dict:
     device, amp_dtype = run.device, run.amp_dtype
 
     cfg, targets, layer_targets = build_model_and_targets(args, device, amp_dtype)
@@ -137,12 +141,11 @@ def main(args: argparse.Namespace) -> dict:
         skip = start_step if epoch == start_epoch else 0
         loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         stats = train_one_epoch(train_model, targets, layer_targets, loader, optimizer, scaler, device, amp_dtype,
-                                epoch, args, run.tb, start_step=skip)
-        run.end_epoch(lambda epoch=epoch: ckpt_util.training_state(model, optimizer, scaler, epoch, run.args_dict(),
-                                                       cfg.to_dict()),
-                      epoch, {f"train_{k}": v for k, v in stats.items()})
+                                epoch, args, run.tb, start_step=skip, should_stop=run.stop)
+        run.end_epoch(lambda step_in_epoch=0, epoch=epoch: ckpt_util.training_state(
+                          model, optimizer, scaler, epoch, run.args_dict(), cfg.to_dict(), step_in_epoch=step_in_epoch),
+                      epoch, {f"train_{k}": v for k, v in stats.items()}, stopped_at=stats.get("stopped_at"))
     _log.info("training time %s", fmt_seconds(time.time() - t0))
-    run.finish()
     return stats
 
 

@@ -30,6 +30,7 @@ _log = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+_TMP = ".tmp-"  # save_atomic writes ".<name>.tmp-<pid>" next to the target
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -43,10 +44,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically; a full disk raises a clear error and keeps the old file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -103,17 +108,42 @@ def checkpoint_files(output_dir: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
+def remove_stale_temps(output_dir: Path) -> List[Path]:
+    """Delete the partial files that :func:`save_atomic` leaves when its process is killed mid-save.
+
+    Call once at start-up, before this run saves anything (only one job may use an output folder).
+    """
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if p.name.startswith(".checkpoint") and _TMP in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        _log.info("removed %d partial checkpoint file(s) left by a killed run: %s", len(stale),
+                  ", ".join(p.name for p in stale))
+    return stale
+
+
 def find_resume(output_dir: Path) -> Optional[Path]:
     """The newest checkpoint in ``output_dir`` that loads; broken files are skipped with a warning."""
     for path in checkpoint_files(output_dir):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: reads the index and the pickle, not the tensors (a truncated file still fails,
+            # its zip directory being at the end); resume() then reads the file once
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # any unreadable file: fall back to an older one
             _log.warning("skipping unreadable checkpoint %s (%s)", path, str(e).splitlines()[0] if str(e) else e)
             continue
         if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
             return path
     return None
+
+
+def estimated_size(model: nn.Module, optimizer_states_per_param: int = 2) -> int:
+    """Bytes of a training checkpoint: the state dict plus optimizer moments (AdamW: 2) per trainable parameter."""
+    state = sum(t.numel() * t.element_size() for t in unwrap(model).state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state + optimizer_states_per_param * trainable
 
 
 def training_state(

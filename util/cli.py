@@ -35,6 +35,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (and the teacher, separately)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute blocks in the backward pass: less activation memory, about 1/3 more compute")
+    g.add_argument("--stop_check_every", default=10, type=int,
+                   help="optimizer steps between the checks that stop every process after the same step on "
+                        "SIGTERM / SIGUSR1 (each check: one tiny all-reduce on the CPU)")
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -22,6 +23,7 @@ from torchvision import datasets, transforms
 
 from util.errors import UserError
 from util.misc import derive_seed, seed_everything
+from util.preempt import worker_init
 
 _log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ def train_loader(
         drop_last=True,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
+        worker_init_fn=partial(worker_init, os.getpid()),
     )
 
 
@@ -238,6 +241,7 @@ def eval_loader(
         pin_memory=pin_mem,
         drop_last=False,
         persistent_workers=num_workers > 0,
+        worker_init_fn=partial(worker_init, os.getpid()),
     )
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from util.errors import UserError
 
 _log = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
+_CONTROL: Optional["dist.ProcessGroup"] = None  # gloo group for control messages (None: the default group)
 
 
 @dataclass
@@ -47,15 +48,22 @@ class DistInfo:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host name of a SLURM node list: ``"gpu[003-004,9],cpu1"`` -> ``"gpu003"``."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?([^,]*)", nodelist.strip())
-    if not m:
+    """First host of a SLURM node list, as ``scontrol show hostnames`` would list it.
+
+    ``"gpu[003-004,9],cpu1"`` -> ``"gpu003"``; ``"rack[1-2]-node[05-08]"`` -> ``"rack1-node05"``.
+    Commas inside brackets separate ranges, not hosts.
+    """
+    s = nodelist.strip()
+    depth, end = 0, len(s)
+    for i, c in enumerate(s):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    host = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], s[:end])
+    if not host or "[" in host or "]" in host:
         raise UserError(f"Cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR explicitly.")
-    prefix, _, ranges, suffix = m.groups()
-    if ranges is None:
-        return prefix + suffix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first + suffix
+    return host
 
 
 def _ints(env: Mapping[str, str], names: List[str]) -> Dict[str, int]:
@@ -83,12 +91,15 @@ def detect(
         v = _ints(env, need)
         return DistInfo(
             v["OMPI_COMM_WORLD_RANK"], v["OMPI_COMM_WORLD_SIZE"], v["OMPI_COMM_WORLD_LOCAL_RANK"], "openmpi",
-            env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", dist_port or DEFAULT_PORT)),
+            env.get("MASTER_ADDR"),
+            dist_port or (_ints(env, ["MASTER_PORT"])["MASTER_PORT"] if "MASTER_PORT" in env else DEFAULT_PORT),
         )
 
     torch_vars = ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
     present = [n for n in torch_vars if n in env]
-    if present:
+    # RANK / WORLD_SIZE mark a torchrun-style launch; MASTER_ADDR / MASTER_PORT alone do not (a SLURM
+    # batch script exports them for srun tasks)
+    if "RANK" in env or "WORLD_SIZE" in env:
         missing = [n for n in torch_vars if n not in env]
         if "LOCAL_RANK" not in env and local_rank_flag < 0:
             missing.append("LOCAL_RANK (or --local_rank)")
@@ -115,11 +126,13 @@ def detect(
         v = _ints(env, ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"])
         if v["SLURM_NTASKS"] > 1:
             addr = env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"])
-            port = dist_port or int(env.get("MASTER_PORT", DEFAULT_PORT))
+            port = dist_port or (_ints(env, ["MASTER_PORT"])["MASTER_PORT"] if "MASTER_PORT" in env else DEFAULT_PORT)
             return DistInfo(v["SLURM_PROCID"], v["SLURM_NTASKS"], v["SLURM_LOCALID"], "slurm", addr, port)
         # one task in an allocation (an interactive salloc shell): a plain single process
 
-    return DistInfo(0, 1, max(local_rank_flag, 0), "single")
+    # a single process; LOCAL_RANK alone (or --local_rank) still picks the GPU
+    local = _ints(env, ["LOCAL_RANK"])["LOCAL_RANK"] if "LOCAL_RANK" in env else local_rank_flag
+    return DistInfo(0, 1, max(local, 0), "single")
 
 
 def init_distributed(args) -> DistInfo:
@@ -129,6 +142,7 @@ def init_distributed(args) -> DistInfo:
     ``args.device``; sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and
     ``args.device`` (``cuda:<local rank>`` on GPUs). Returns the :class:`DistInfo`.
     """
+    global _CONTROL
     info = detect(os.environ, getattr(args, "local_rank", -1), getattr(args, "dist_on_itp", False),
                   getattr(args, "dist_port", None))
     device = resolve_device(args.device, info.local_rank)
@@ -136,24 +150,35 @@ def init_distributed(args) -> DistInfo:
     args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
     args.distributed = info.distributed
     if info.distributed and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", info.master_addr or "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(info.master_port or DEFAULT_PORT))
+        # torchrun already exported these; for SLURM / OpenMPI the detected values win over stale
+        # variables (--dist_port over an inherited MASTER_PORT)
+        os.environ["MASTER_ADDR"] = info.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(info.master_port or DEFAULT_PORT)
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = getattr(args, "dist_url", "env://") or "env://"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method=init_method, world_size=info.world_size, rank=info.rank, **kwargs)
-        _log.info("distributed (%s, %s): rank %d of %d, local rank %d", info.launcher, backend, info.rank,
-                  info.world_size, info.local_rank)
+        # small control messages (the stop flag, the resume decision) travel on a CPU group, so they
+        # never wait for, or synchronise with, the GPU stream
+        _CONTROL = dist.new_group(backend="gloo") if backend != "gloo" else None
     return info
 
 
 def resolve_device(requested: Optional[str], local_rank: int = 0) -> torch.device:
-    """``--device``: ``cuda`` (the local rank's GPU), ``cpu``, or empty for CUDA when available."""
+    """``--device``: ``cuda`` (the local rank's GPU), ``cpu``, or empty for CUDA when available.
+
+    When the scheduler shows each task only its own GPU (``srun --gpus-per-task=1``), that GPU is
+    ``cuda:0`` whatever the local rank.
+    """
     name = (requested or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} requested but CUDA is not available; use --device cpu.")
-        index = int(name.split(":")[1]) if ":" in name else local_rank
+        count = torch.cuda.device_count()
+        index = int(name.split(":")[1]) if ":" in name else (local_rank if count > 1 else 0)
+        if index >= count:
+            raise UserError(f"Local rank / device index {index} but only {count} GPU(s) are visible to this process; "
+                            f"start at most {count} processes per node or check CUDA_VISIBLE_DEVICES.")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device(name)
@@ -183,6 +208,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def control_group() -> Optional["dist.ProcessGroup"]:
+    """The CPU (gloo) group for small control messages; ``None`` means the default group (already gloo)."""
+    return _CONTROL
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (a picklable value; also a synchronisation point)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_CONTROL)
+    return box[0]
+
+
 def cleanup() -> None:
+    global _CONTROL
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL = None

@@ -7,3 +7,11 @@ class UserError(Exception):
     The ``main_*`` scripts catch it, print its message (which must say what to do) and exit with
     status 2, without a traceback and without touching anything already written.
     """
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM / SIGUSR1 after writing ``checkpoint-last.pth``.
+
+    The ``main_*`` scripts exit with status 3 (``util.preempt.EXIT_PREEMPTED``): a batch script can
+    tell it from a failure; rerunning the same command resumes.
+    """

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -11,7 +12,8 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from util.errors import UserError
+from util.errors import Preempted, UserError
+from util.preempt import EXIT_PREEMPTED
 
 _log = logging.getLogger(__name__)
 
@@ -31,9 +33,13 @@ def setup_logging(rank: int = 0, output_dir: Optional[str] = None) -> None:
 
 
 def run_cli(main: Callable[[Any], Any], args: Any) -> None:
-    """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with 2."""
+    """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with 2,
+    :class:`Preempted` (stopped by a signal, checkpoint written) exits with 3."""
     try:
         main(args)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
     except UserError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message only
@@ -106,6 +112,16 @@ def check_writable(path: str, what: str = "--output_dir") -> Path:
     return p
 
 
+def check_free_space(path: Path, need_bytes: int, what: str = "a checkpoint") -> None:
+    """Refuse to start when ``path``'s file system cannot hold ``need_bytes`` more (clear error)."""
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise UserError(
+            f"{path} has {free / 2**30:.2f} GiB free but {what} needs about {need_bytes / 2**30:.2f} GiB. "
+            f"Free some space or choose another --output_dir."
+        )
+
+
 def to_plain(obj: Any) -> Any:
     """Turn args-like values into JSON / ``weights_only``-safe plain types."""
     if isinstance(obj, dict):
@@ -126,9 +142,16 @@ def save_json(obj: Any, path: Path) -> None:
 
 
 def append_jsonl(obj: Dict[str, Any], path: Path) -> None:
-    """One JSON line per call (MAE's ``log.txt``)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(to_plain(obj)) + "\n")
+    """One JSON line per call (MAE's ``log.txt``); a partial last line (a run killed mid-write) is dropped."""
+    line = (json.dumps(to_plain(obj)) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write(line)
 
 
 class TensorBoard:

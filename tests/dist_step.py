@@ -1,0 +1,116 @@
+"""One optimizer step of pre-training and of fine-tuning, in one process or under DDP.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_step.py OUT   # each rank: half of the batch
+    python tests/dist_step.py OUT                                     # one process: the whole batch
+
+Both use the repo's own pieces (``start_run``, ``Run.wrap``, the optimizer builders and the shared
+loop ``util.loop.train_one_epoch``) on a fixed batch of 8 images with fixed masking noise. Rank 0
+writes the updated weights and the gradients the step used to ``OUT/{pretrain,finetune}-w{world}.pt``.
+
+The gradients are compared too: AdamW's first step is ``lr * g / (|g| + eps)``, nearly blind to the
+scale of ``g`` (a sum instead of a mean over ranks would give the same weights), and it turns the
+rounding noise of gradients that are zero in exact arithmetic (the attention key bias) into
+updates of up to ``lr / 10``; hence the small ``--lr``.
+
+Why the two must agree: the pre-training loss is a mean over the masked patches; a fixed mask
+ratio masks the same number of patches in every image, so every rank (and every accumulation
+micro-batch) averages over the same number of patches, and the mean of the per-rank losses that
+DDP's gradient averaging computes is the loss of the whole batch. The classification loss is a
+mean over images, and the ranks hold equal halves. The pre-training step also accumulates two
+micro-batches per rank (``--accum_iter 2``), which exercises DDP's ``no_sync``.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
+
+import main_pretrain  # noqa: E402
+import models_deepmim  # noqa: E402
+import models_vit  # noqa: E402
+from engine_finetune import classification_loss  # noqa: E402
+from util.checkpoint import unwrap  # noqa: E402
+from util.loop import train_one_epoch  # noqa: E402
+from util.misc import TensorBoard  # noqa: E402
+from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
+from util.runner import start_run  # noqa: E402
+from util.targets import PixelTarget, compute_targets  # noqa: E402
+
+BATCH, SIZE, PATCH = 8, 16, 4
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    noise = torch.rand(BATCH, (SIZE // PATCH) ** 2, generator=g)
+    labels = torch.randint(0, 10, (BATCH,), generator=g)
+    return imgs, noise, labels
+
+
+def my_share(rank: int, world: int, micro: int, *tensors):
+    """This rank's contiguous share of the batch, split into ``micro`` equal micro-batches."""
+    n = BATCH // world
+    mine = [t[rank * n:(rank + 1) * n] for t in tensors]
+    return [tuple(t[i * n // micro:(i + 1) * n // micro] for t in mine) for i in range(micro)]
+
+
+def step(run, args, model, optimizer, loss_fn, names, batches):
+    """One optimizer step through the shared loop: the weights before and after, and the gradients used."""
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {}
+    param_names = {p: n for n, p in model.named_parameters()}
+
+    def keep_grads(opt, *_):
+        grads.update({param_names[p]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_grads)
+    args.accum_iter = len(batches)
+    train_one_epoch(run.wrap(model), loss_fn, names, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                    run.device, None, 0, args, TensorBoard(None, enabled=False))
+    return {"initial": initial, "weights": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+            "grads": grads}
+
+
+def main(out: Path) -> None:
+    args = main_pretrain.get_args_parser().parse_args(
+        ["--device", "cpu", "--output_dir", str(out / "run"), "--lr", "1e-5", "--warmup_epochs", "0", "--epochs", "1",
+         "--log_every", "1", "--no_auto_resume"])
+    with start_run(args) as run:
+        rank, world = run.info.rank, run.info.world_size
+        imgs, noise, labels = fixed_batch()
+        results = {}
+
+        # pre-training: DeepMIM (4 supervised layers), per-patch normalized pixel target
+        torch.manual_seed(0)
+        cfg = models_deepmim.model_config("deepmim_vit_tiny_patch4", img_size=SIZE, decoder_depth=1)
+        model = models_deepmim.DeepMIM(cfg)
+        target = {"pixel": PixelTarget(SIZE, PATCH, norm_pix=True)}
+
+        def pretrain_loss(m, batch):
+            x, z = batch
+            tgt = compute_targets(target, x)["pixel"]
+            o = m(x, tgt, mask_ratio=0.75, noise=z)
+            return o.loss, o.layer_losses
+
+        opt = adamw(weight_decay_groups(model, 0.05), args.lr, betas=(0.9, 0.95))
+        micro = 2 if world > 1 else 1  # per rank: two accumulation micro-batches of 2 images
+        results["pretrain"] = step(run, args, model, opt, pretrain_loss, [f"L{x}" for x in cfg.ds_layers],
+                                   my_share(rank, world, micro, imgs, noise))
+
+        # fine-tuning: the real ViT with layer-wise lr decay and label smoothing (no drop path: it
+        # draws different random numbers on each rank)
+        torch.manual_seed(0)
+        vit = models_vit.create_model("vit_tiny_patch4", num_classes=10, img_size=SIZE, drop_path_rate=0.0)
+        opt = adamw(layer_decay_groups(vit, 0.05, 0.75), args.lr)
+        results["finetune"] = step(run, args, vit, opt, classification_loss(LabelSmoothingCrossEntropy(0.1)), ["loss"],
+                                   my_share(rank, world, 1, imgs, labels))
+        if run.is_main:
+            for name, weights in results.items():
+                torch.save(weights, out / f"{name}-w{world}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

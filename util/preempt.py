@@ -1,0 +1,144 @@
+"""Preemption: SIGTERM / SIGUSR1 end the run cleanly after the current optimizer step.
+
+SLURM sends SIGUSR1 ahead of the time limit (``#SBATCH --signal=USR1@120``) and SIGTERM when it
+preempts or cancels a job. The signal reaches the tasks at slightly different times, or only one
+of them (a ``kill`` by hand), so the handler only records it; the ranks then agree at a step
+boundary: every ``--stop_check_every`` optimizer steps each rank contributes what it received to
+an all-reduce (MAX) of one integer, and all of them stop after the same step. The all-reduce runs
+on a CPU (gloo) group, so it never waits for the GPU stream (no device synchronisation); it only
+makes the hosts meet, which DDP's gradient all-reduce makes them do within a step anyway. Measured
+on 2 CPU processes (gloo, a loaded 2-core machine): 0.14-0.40 ms per check. Checking every 10 steps
+costs about 0.04 ms per step, about 0.01 % of a 0.3-s ViT-B step (0.1 % at a pessimistic 3 ms per
+check across nodes), and stops within 10 steps, a few seconds, well inside SLURM's warning.
+
+After agreeing, the runner writes ``checkpoint-last.pth`` (atomically, with ``step_in_epoch``), and
+every rank exits with :data:`EXIT_PREEMPTED`. On SIGUSR1 inside a SLURM job, rank 0 also asks SLURM
+to requeue the job (``scontrol requeue $SLURM_JOB_ID``); on SIGTERM it does not: SLURM requeues a
+job it preempts by itself (``PreemptMode=REQUEUE``), and a job cancelled with ``scancel`` must stay
+cancelled. The requeued job reruns the same command, which resumes from ``checkpoint-last.pth``.
+"""
+import logging
+import os
+import signal
+import subprocess
+import threading
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from util import dist as dist_util
+
+_log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 3  # exit status: stopped by a signal after writing checkpoint-last.pth; rerun to continue
+# the signals we handle, by precedence: when ranks received different ones, SIGTERM (end of the
+# job) wins over SIGUSR1 (time-limit warning, requeue)
+_LEVELS: Dict[int, int] = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
+_BY_LEVEL = {v: k for k, v in _LEVELS.items()}
+
+
+class StopSignal:
+    """Records SIGTERM / SIGUSR1 and decides, identically on every rank, when to stop.
+
+    Args:
+        check_every: optimizer steps between two agreements (each one a tiny all-reduce when
+            there are several processes).
+    """
+
+    def __init__(self, check_every: int = 10) -> None:
+        self.check_every = max(1, int(check_every))
+        self.received = 0  # level of the strongest signal this process received (0: none)
+        self.agreed = 0  # level all ranks agreed to stop on (0: keep training)
+        self._calls = 0
+        self._previous: Dict[int, object] = {}
+
+    # -- handler --------------------------------------------------------------------------
+    def install(self) -> None:
+        """Handle SIGTERM and SIGUSR1 in this process (main thread only, as Python requires)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _LEVELS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        # async-signal context: record only; logging here could deadlock on the logging lock
+        self.received = max(self.received, _LEVELS.get(signum, 0))
+
+    # -- agreement ------------------------------------------------------------------------
+    def __call__(self) -> bool:
+        """``should_stop`` for :func:`util.loop.train_one_epoch`: called by every rank after each
+        optimizer step; agrees every ``check_every`` calls (the same calls on every rank)."""
+        self._calls += 1
+        if self.agreed or self._calls % self.check_every == 0:
+            return self.sync()
+        return False
+
+    def sync(self) -> bool:
+        """Agree now (a collective: every rank must call it at the same point). True: stop."""
+        if self.agreed:  # set by the same earlier call on every rank, so all skip the collective
+            return True
+        level = self.received
+        if dist_util.get_world_size() > 1:
+            t = torch.tensor([level], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dist_util.control_group())
+            level = int(t.item())
+        self.agreed = level
+        return bool(level)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(_BY_LEVEL[self.agreed]).name if self.agreed else "none"
+
+    # -- SLURM ----------------------------------------------------------------------------
+    def requeue(self) -> Optional[str]:
+        """On SIGUSR1 in a SLURM job, ``scontrol requeue $SLURM_JOB_ID``; returns the job id requeued.
+
+        Call on one rank, after the checkpoint is on disk: SLURM terminates the running job.
+        """
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job or self.agreed != _LEVELS[signal.SIGUSR1]:
+            return None
+        try:
+            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _log.warning("could not requeue SLURM job %s (%s); resubmit the same command to continue", job, e)
+            return None
+        if proc.returncode != 0:
+            _log.warning("scontrol requeue %s failed (%s); resubmit the same command to continue", job,
+                         (proc.stderr or proc.stdout).strip())
+            return None
+        _log.info("requeued SLURM job %s", job)
+        return job
+
+
+def worker_init(main_pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``main_pid`` with ``functools.partial``): a worker survives
+    the SIGTERM / SIGUSR1 that SLURM sends to every process of a task.
+
+    A worker killed by that SIGTERM would make the main process fail at once (the DataLoader treats
+    a dead worker as an error) instead of writing its checkpoint. SIGUSR1 is ignored. SIGTERM is
+    blocked and read by a thread, which ends the worker only when the sender is its own training
+    process (or its parent): that is how the DataLoader shuts workers down. Workers also exit when
+    the training process is gone (the DataLoader watches it).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training process's handler, inherited by fork
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to tell senders apart; keep the default
+        return
+    owners = {main_pid, os.getppid()}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread started later inherits the mask
+
+    def wait_for_owner() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid not in owners:
+            pass
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)  # now delivered to this thread: the default action ends the worker
+
+    threading.Thread(target=wait_for_owner, name="sigterm-from-owner", daemon=True).start()
