@@ -10,7 +10,7 @@
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -63,14 +63,24 @@ class Run:
     def end_epoch(self, state_fn: Callable[[], Dict[str, Any]], epoch: int, log: Dict[str, Any],
                   best: bool = False) -> None:
         """Write this epoch's checkpoints and its ``log.txt`` line (rank 0), then wait for all ranks."""
+        files = [ckpt_util.LAST]
+        if epoch % self.args.save_every == 0 or epoch + 1 == self.args.epochs:
+            files.append(f"checkpoint-{epoch}.pth")
+        if best:
+            files.append("checkpoint-best.pth")
+        self.write({**log, "epoch": epoch}, files, state_fn)
+
+    def write(self, log: Optional[Dict[str, Any]] = None, files: Sequence[str] = (),
+              state_fn: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
+        """Rank 0 saves ``state_fn()`` atomically under each name in ``files`` and appends ``log`` to
+        ``log.txt``; then all ranks wait (iteration-based scripts call this directly)."""
         if self.is_main:
-            state = state_fn()
-            ckpt_util.save_atomic(state, self.out_dir / ckpt_util.LAST)
-            if epoch % self.args.save_every == 0 or epoch + 1 == self.args.epochs:
-                ckpt_util.save_atomic(state, self.out_dir / f"checkpoint-{epoch}.pth")
-            if best:
-                ckpt_util.save_atomic(state, self.out_dir / "checkpoint-best.pth")
-            append_jsonl({**log, "epoch": epoch}, self.out_dir / "log.txt")
+            if files:
+                state = state_fn()
+                for name in files:
+                    ckpt_util.save_atomic(state, self.out_dir / name)
+            if log is not None:
+                append_jsonl(log, self.out_dir / "log.txt")
             self.tb.flush()
         dist_util.barrier()
 
