@@ -33,6 +33,17 @@ TINY_FLAGS = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--chann
               "--warmup_iters", "2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one torch thread; two OpenMP threads that wait for each other on a busy
+    machine made this file several times slower. Module scope: the training fixture (whose result
+    the resume test reproduces to 1e-6) runs with the same thread count as the tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def segment(*args):
     return train.main(train.get_args_parser().parse_args([*map(str, args)]))
 
@@ -170,11 +181,11 @@ def test_resize_of_labels_is_nearest_only():
 # training, evaluation, resume
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("seg_train")
     common = [*TINY_FLAGS, "--data_path", synthetic, "--iters", 12, "--log_every", 3, "--eval_every", 12,
-              "--save_every", 6, "--save_last_every", 3]
+              "--save_every", 8, "--save_last_every", 3]
     stats = segment(*common, "--output_dir", out)
     return out, stats, common
 
@@ -190,7 +201,7 @@ def test_training_lowers_the_loss_and_evaluates(trained):
     assert len(val) == 1 and val[0]["iteration"] == 12 and val[0]["images"] == 6
     assert val[0]["mIoU"] == pytest.approx(stats["mIoU"]) and 0 < stats["mIoU"] <= 100
     assert set(val[0]["IoU"]) == {"background", "disc", "square", "triangle", "ring"}
-    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-6.pth", "checkpoint-12.pth",
+    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-8.pth", "checkpoint-12.pth",
                                                               "checkpoint-last.pth"}
     ckpt = torch.load(out / "checkpoint-12.pth", weights_only=True)
     assert ckpt["iteration"] == 12 and ckpt["epoch"] == 2 and isinstance(ckpt["args"], dict)
@@ -202,8 +213,8 @@ def test_resume_continues_as_if_never_stopped(trained, tmp_path):
     out, _, common = trained
     part = tmp_path / "part"
     part.mkdir()
-    shutil.copy(out / "checkpoint-6.pth", part / "checkpoint-6.pth")
-    segment(*common, "--output_dir", part)  # finds checkpoint-6.pth by itself
+    shutil.copy(out / "checkpoint-8.pth", part / "checkpoint-8.pth")
+    segment(*common, "--output_dir", part)  # finds checkpoint-8.pth by itself
     a = torch.load(out / "checkpoint-12.pth", weights_only=True)["model"]
     b = torch.load(part / "checkpoint-12.pth", weights_only=True)["model"]
     for k in a:
@@ -388,3 +399,10 @@ def test_data_errors_name_the_path(synthetic, tmp_path):
         [ds[i] for i in range(len(ds))]
     with pytest.raises(UserError, match="--out_indices 2,1,3,4: give 4 increasing block numbers in 1..12"):
         models.Segmentor(models.SegConfig(**{**TINY.__dict__, "out_indices": (2, 1, 3, 4)}))
+
+
+def test_a_non_finite_loss_stops_before_any_checkpoint(synthetic, tmp_path):
+    with pytest.raises(UserError, match=r"Non-finite loss at iteration \d+ in the loss of the decode head"):
+        segment(*TINY_FLAGS, "--data_path", synthetic, "--lr", "1e30", "--warmup_iters", "0", "--iters", "4",
+                "--log_every", "2", "--save_every", "2", "--output_dir", tmp_path)
+    assert not list(tmp_path.glob("checkpoint-*.pth"))
