@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 # the torch build to install; override e.g. TORCH="torch torchvision" to take the newest
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= output_dir/demo
+SEG_DEMO ?= output_dir/seg_demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo seg-demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ install: $(VENV)/.installed
 # pre-train DeepMIM (pixel target, layers 6/8/10/12) on the built-in digits on CPU, then fine-tune it
 demo: install
 	$(BIN)/python tools/demo.py --output_dir $(DEMO)
+
+# train UperNet on a ViT-Ti/4 from scratch on the built-in synthetic ADE20K-layout data on CPU, then evaluate
+seg-demo: install
+	$(BIN)/python Segmentation/demo.py --output_dir $(SEG_DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -6,6 +6,9 @@ Format (MAE's, so released checkpoints and MAE-derived tools keep working)::
      'model_cfg': dict,          # plain-type model config: rebuild without the CLI
      'step_in_epoch': int}       # > 0 only for a mid-epoch (preemption) checkpoint
 
+Iteration-based training (segmentation) adds ``'iteration'``: the optimizer steps done; its
+``epoch`` then counts the completed passes over the training set.
+
 ``epoch`` is the last epoch the checkpoint covers completely (MAE: resume at ``epoch + 1``); a
 mid-epoch checkpoint stores the running epoch and the number of iterations already done in it.
 
@@ -210,6 +213,9 @@ def resume(
     step = int(ckpt.get("step_in_epoch", 0))
     epoch = int(ckpt["epoch"])
     start_epoch, start_step = (epoch, step) if step > 0 else (epoch + 1, 0)
-    _log.info("resumed from %s: continuing at epoch %d%s", path, start_epoch,
-              f", iteration {start_step}" if start_step else "")
+    if "iteration" in ckpt:  # iteration-based training (segmentation) continues from its own counter
+        _log.info("resumed from %s: continuing at iteration %d", path, int(ckpt["iteration"]))
+    else:
+        _log.info("resumed from %s: continuing at epoch %d%s", path, start_epoch,
+                  f", iteration {start_step}" if start_step else "")
     return start_epoch, start_step, ckpt

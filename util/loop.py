@@ -1,4 +1,5 @@
-"""The training loop shared by pre-training, fine-tuning and linear probing.
+"""The training loop shared by pre-training, fine-tuning and linear probing (and, step by step,
+by the iteration-based segmentation training: :func:`train_step`, :class:`NonFiniteTracker`).
 
 One epoch: per-iteration lr schedule, per-step seeding, mixed precision, gradient accumulation
 (without DDP's all-reduce on accumulation steps), loss scaling, gradient clipping, logging.
@@ -40,17 +41,58 @@ class NonFiniteTracker:
         code = step * self.k + torch.argmax(bad.to(torch.int32))
         self.first = torch.where((self.first < 0) & bad.any(), code, self.first)
 
-    def check(self, names: Sequence[str], steps_per_epoch: int) -> None:
-        """Raise (one host sync) if a non-finite value has been seen."""
+    def check(self, names: Sequence[str], steps_per_epoch: Optional[int] = None) -> None:
+        """Raise (one host sync) if a non-finite value has been seen.
+
+        ``steps_per_epoch`` names the epoch and iteration of the bad step; None (iteration-based
+        training such as segmentation) names the iteration alone.
+        """
         first = int(self.first.item())
         if first >= 0:
             step, which = divmod(first, self.k)
-            epoch, it = divmod(step, steps_per_epoch)
+            if steps_per_epoch:
+                epoch, it = divmod(step, steps_per_epoch)
+                where = f"step {step} (epoch {epoch}, iteration {it})"
+            else:
+                where = f"iteration {step}"
             raise UserError(
-                f"Non-finite loss at step {step} (epoch {epoch}, iteration {it}) in the loss of "
+                f"Non-finite loss at {where} in the loss of "
                 f"{names[which]}. Training stopped; checkpoints already written are intact. "
-                f"Lower --blr, add --clip_grad, or try --amp bf16 / --amp none."
+                f"Lower the learning rate (--blr / --lr), add --clip_grad, or try --amp bf16 / --amp none."
             )
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    accum: int = 1,
+    update: bool = True,
+    clip_grad: Optional[float] = None,
+) -> torch.Tensor:
+    """Forward and backward of one batch, then (if ``update``) the optimizer step; returns the
+    detached float metrics [M] (on the device, no host sync).
+
+    Without ``update`` the gradients accumulate, and DDP skips its all-reduce (``no_sync``).
+    """
+    batch = tuple(t.to(device, non_blocking=True) for t in batch)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    with model.no_sync() if ddp and not update else contextlib.nullcontext():
+        with autocast(device, amp_dtype):
+            loss, metrics = loss_fn(model, batch)
+        scaler.scale(loss / accum).backward()
+    if update:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return metrics.detach().float()
 
 
 def train_one_epoch(
@@ -89,7 +131,6 @@ def train_one_epoch(
     window_sum = torch.zeros(len(names), device=device)
     count = window_n = 0
     nonfinite = NonFiniteTracker(len(names), device)
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     lr = optimizer.param_groups[0]["lr"]
     t_window = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -107,21 +148,9 @@ def train_one_epoch(
             lr = adjust_learning_rate(optimizer, epoch + it / steps, args)
         # masks, mixup, drop path: every random draw of the step is a function of (seed, step, rank)
         seed_everything(derive_seed(args.seed, global_step, args.rank))
-        batch = tuple(t.to(device, non_blocking=True) for t in batch)
         update = (it + 1) % accum == 0 or it + 1 == steps
-        with model.no_sync() if ddp and not update else contextlib.nullcontext():
-            with autocast(device, amp_dtype):
-                loss, metrics = loss_fn(model, batch)
-            scaler.scale(loss / accum).backward()
-        if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        metrics = metrics.detach().float()
+        metrics = train_step(model, loss_fn, batch, optimizer, scaler, device, amp_dtype, accum=accum, update=update,
+                             clip_grad=args.clip_grad)
         nonfinite.update(metrics, global_step)
         epoch_sum += metrics
         window_sum += metrics

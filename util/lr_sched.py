@@ -1,4 +1,5 @@
-"""Per-iteration learning-rate schedule: linear warm-up, then half-cycle cosine to ``min_lr``."""
+"""Per-iteration learning-rate schedules: linear warm-up then half-cycle cosine to ``min_lr`` (MAE, in
+fractional epochs), and mmseg's poly schedule with linear warm-up (segmentation, in iterations)."""
 import math
 
 import torch
@@ -13,9 +14,27 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
-    """Set every param group's lr (times its ``lr_scale`` for layer decay); return the base lr."""
-    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+def poly_lr_at(it: int, lr: float, iters: int, warmup_iters: int = 0, warmup_ratio: float = 1e-6,
+               power: float = 1.0, min_lr: float = 0.0) -> float:
+    """mmcv's ``poly`` policy with ``warmup='linear'``, by iteration (``it`` = iterations done).
+
+    The poly value ``(lr - min_lr) * (1 - it / iters) ** power + min_lr`` runs from iteration 0;
+    during warm-up it is multiplied by ``1 - (1 - it / warmup_iters) * (1 - warmup_ratio)``, which
+    rises linearly from ``warmup_ratio`` to 1 (mmcv multiplies the scheduled, not the base, lr).
+    """
+    regular = (lr - min_lr) * (1.0 - min(it, iters) / iters) ** power + min_lr
+    if it < warmup_iters:
+        return regular * (1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio))
+    return regular
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every param group's lr to ``lr`` times its ``lr_scale`` (layer decay); return ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
+    """Set every param group's lr (times its ``lr_scale`` for layer decay); return the base lr."""
+    return set_lr(optimizer, lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs))

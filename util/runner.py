@@ -17,7 +17,7 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -157,26 +157,40 @@ class Run:
                 stops the run once this epoch's checkpoints are written.
         """
         if stopped_at:
-            self.on_main(lambda: ckpt_util.save_atomic(state_fn(step_in_epoch=stopped_at), self.out_dir / ckpt_util.LAST))
-            self._preempted(epoch, stopped_at)
+            self.write(files=[ckpt_util.LAST], state_fn=lambda: state_fn(step_in_epoch=stopped_at))
+            self.preempted(f"epoch {epoch}, iteration {stopped_at}")
+        files = [ckpt_util.LAST]
+        if epoch % self.args.save_every == 0 or epoch + 1 == self.args.epochs:
+            files.append(f"checkpoint-{epoch}.pth")
+        if best:
+            files.append("checkpoint-best.pth")
+        self.write({**log, "epoch": epoch}, files, state_fn)
+        if epoch + 1 < self.args.epochs and self.stop.sync():
+            self.preempted(f"the start of epoch {epoch + 1}")
+
+    def write(self, log: Optional[Dict[str, Any]] = None, files: Sequence[str] = (),
+              state_fn: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
+        """Rank 0 saves ``state_fn()`` atomically under each name in ``files`` and appends ``log`` to
+        ``log.txt`` while the others wait; a failure (a full disk) reaches every rank
+        (:meth:`on_main`). Iteration-based scripts call this directly."""
 
         def save() -> None:
-            state = state_fn()
-            ckpt_util.save_atomic(state, self.out_dir / ckpt_util.LAST)
-            if epoch % self.args.save_every == 0 or epoch + 1 == self.args.epochs:
-                ckpt_util.save_atomic(state, self.out_dir / f"checkpoint-{epoch}.pth")
-            if best:
-                ckpt_util.save_atomic(state, self.out_dir / "checkpoint-best.pth")
-            append_jsonl({**log, "epoch": epoch}, self.out_dir / "log.txt")
+            if files:
+                state = state_fn()
+                for name in files:
+                    ckpt_util.save_atomic(state, self.out_dir / name)
+            if log is not None:
+                append_jsonl(log, self.out_dir / "log.txt")
             self.tb.flush()
 
         self.on_main(save)
-        if epoch + 1 < self.args.epochs and self.stop.sync():
-            self._preempted(epoch + 1, 0)
 
-    def _preempted(self, epoch: int, step: int) -> None:
-        """Every rank: after checkpoint-last.pth is on disk, requeue (rank 0), then raise :class:`Preempted`."""
-        where = f"epoch {epoch}, iteration {step}" if step else f"the start of epoch {epoch}"
+    def preempted(self, where: str) -> None:
+        """Every rank: after checkpoint-last.pth is on disk, requeue (rank 0), then raise :class:`Preempted`.
+
+        Args:
+            where: the position the checkpoint holds, for the message (``"epoch 3, iteration 120"``).
+        """
         msg = (f"{self.stop.signal_name} received: wrote {self.out_dir / ckpt_util.LAST} at {where}; "
                f"rerun the same command to continue")
         _log.info("%s", msg)
