@@ -90,8 +90,7 @@ def fit(run: Run, model: nn.Module, train_model: nn.Module, loss_fn, train_loade
     for epoch in range(start_epoch, args.epochs):
         skip = start_step if epoch == start_epoch else 0
         train_loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        train = run_epoch(train_model, loss_fn, ["loss"], train_loader, optimizer, scaler, run.device,
-                          run.amp_dtype, epoch, args, run.tb, start_step=skip, should_stop=run.stop)
+        train = run_epoch(train_model, loss_fn, ["loss"], train_loader, optimizer, scaler, run, epoch, start_step=skip)
         if "stopped_at" in train:  # preempted mid-epoch: checkpoint-last.pth, no evaluation, exit
             run.end_epoch(partial(state, epoch, max_acc), epoch, {}, stopped_at=train["stopped_at"])
         test = evaluate(model, val_loader, run.device, run.amp_dtype, reduce=args.dist_eval)

@@ -2,13 +2,13 @@
 
 The loop itself (schedule, precision, accumulation, logging, NaN check) is ``util.loop``.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
 
 from util.loop import train_one_epoch as run_epoch
-from util.misc import TensorBoard
+from util.runner import Run
 from util.targets import Target, compute_targets
 
 
@@ -24,24 +24,10 @@ def pretrain_loss(targets: Dict[str, Target], layer_targets: List[str], mask_rat
     return loss_fn
 
 
-def train_one_epoch(
-    model: nn.Module,
-    targets: Dict[str, Target],
-    layer_targets: List[str],
-    loader: torch.utils.data.DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp_dtype: Optional[torch.dtype],
-    epoch: int,
-    args,
-    tb: TensorBoard,
-    start_step: int = 0,
-    should_stop=None,
-) -> Dict[str, float]:
+def train_one_epoch(model: nn.Module, targets: Dict[str, Target], layer_targets: List[str], loader,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run, epoch: int,
+                    start_step: int = 0) -> Dict[str, float]:
     """Pre-train for one epoch; metrics are each supervised layer's loss (``loss_L6`` ...)."""
-    return run_epoch(
-        model, pretrain_loss(targets, layer_targets, args.mask_ratio), [f"L{x}" for x in args.ds_layers],
-        loader, optimizer, scaler, device, amp_dtype, epoch, args, tb, start_step=start_step,
-        should_stop=should_stop, total_weights=args.ds_weights,
-    )
+    args = run.args
+    return run_epoch(model, pretrain_loss(targets, layer_targets, args.mask_ratio), [f"L{x}" for x in args.ds_layers],
+                     loader, optimizer, scaler, run, epoch, start_step=start_step, total_weights=args.ds_weights)

@@ -140,8 +140,8 @@ def pretrain(run: Run, args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs):
         skip = start_step if epoch == start_epoch else 0
         loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        stats = train_one_epoch(train_model, targets, layer_targets, loader, optimizer, scaler, device, amp_dtype,
-                                epoch, args, run.tb, start_step=skip, should_stop=run.stop)
+        stats = train_one_epoch(train_model, targets, layer_targets, loader, optimizer, scaler, run, epoch,
+                                start_step=skip)
         run.end_epoch(lambda step_in_epoch=0, epoch=epoch: ckpt_util.training_state(
                           model, optimizer, scaler, epoch, run.args_dict(), cfg.to_dict(), step_in_epoch=step_in_epoch),
                       epoch, {f"train_{k}": v for k, v in stats.items()}, stopped_at=stats.get("stopped_at"))

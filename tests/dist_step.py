@@ -34,7 +34,6 @@ import models_vit  # noqa: E402
 from engine_finetune import classification_loss  # noqa: E402
 from util.checkpoint import unwrap  # noqa: E402
 from util.loop import train_one_epoch  # noqa: E402
-from util.misc import TensorBoard  # noqa: E402
 from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
 from util.runner import start_run  # noqa: E402
 from util.targets import PixelTarget, compute_targets  # noqa: E402
@@ -69,7 +68,7 @@ def step(run, args, model, optimizer, loss_fn, names, batches):
     optimizer.register_step_pre_hook(keep_grads)
     args.accum_iter = len(batches)
     train_one_epoch(run.wrap(model), loss_fn, names, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                    run.device, None, 0, args, TensorBoard(None, enabled=False))
+                    run, 0)
     return {"initial": initial, "weights": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
             "grads": grads}
 

@@ -13,7 +13,7 @@ non-finite check keeps the first bad (step, metric) in a device tensor; both are
 import contextlib
 import logging
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +21,10 @@ from torch import nn
 from util import dist as dist_util
 from util.errors import UserError
 from util.lr_sched import adjust_learning_rate
-from util.misc import TensorBoard, autocast, derive_seed, seed_everything
+from util.misc import autocast, derive_seed, seed_everything
+
+if TYPE_CHECKING:  # the runner builds on this module's users, not the other way round
+    from util.runner import Run
 
 _log = logging.getLogger(__name__)
 
@@ -102,13 +105,9 @@ def train_one_epoch(
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp_dtype: Optional[torch.dtype],
+    run: "Run",
     epoch: int,
-    args,
-    tb: TensorBoard,
     start_step: int = 0,
-    should_stop: Optional[Callable[[], bool]] = None,
     total_weights: Optional[Sequence[float]] = None,
 ) -> Dict[str, float]:
     """Train for one epoch, from iteration ``start_step``; return the epoch's mean metrics.
@@ -117,11 +116,13 @@ def train_one_epoch(
         loss_fn: computes the loss of one batch (called under autocast).
         metric_names: names of the metrics ``loss_fn`` returns (``loss`` is their weighted sum when
             there are several, with ``total_weights``).
-        should_stop: called after each optimizer step; True ends the epoch early (preemption) and
-            the stats then carry ``stopped_at`` = iterations done.
+        run: the job (``util.runner.Run``): device, mixed precision, flags, TensorBoard, and the
+            stop signal, checked after each optimizer step; when it fires the epoch ends early
+            (preemption) and the stats carry ``stopped_at`` = iterations done.
     Reads ``args.accum_iter``, ``args.clip_grad``, ``args.log_every``, ``args.seed``, ``args.rank``
     and the lr schedule flags.
     """
+    device, amp_dtype, args, tb, should_stop = run.device, run.amp_dtype, run.args, run.tb, run.stop
     model.train(True)
     names = list(metric_names)
     weights = list(total_weights) if total_weights is not None else [1.0] * len(names)
