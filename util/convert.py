@@ -64,12 +64,21 @@ def fetch_url(url: str, sha256: Optional[str] = None) -> str:
     return str(dest)
 
 
+def read_checkpoint(source: str, sha256: Optional[str] = None) -> Any:
+    """The object stored in a checkpoint file, ``.safetensors`` or http(s) URL (weights-only load)."""
+    if source.startswith(("http://", "https://")):
+        source = fetch_url(source, sha256)
+    return load_file(source)
+
+
 def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a checkpoint (file, ``.safetensors`` or http(s) URL), unwrapped from
     ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
-    if source.startswith(("http://", "https://")):
-        source = fetch_url(source, sha256)
-    obj = load_file(source)
+    return state_dict_of(read_checkpoint(source, sha256), source)
+
+
+def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object (see :func:`read_state_dict`)."""
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "module", "model_ema"):
             if isinstance(obj.get(key), dict):
@@ -184,17 +193,19 @@ def adapt_to_vit(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, tor
 
 
 def load_encoder(model: nn.Module, source: str, sha256: Optional[str] = None,
-                 allowed_missing: Tuple[str, ...] = HEAD_PREFIXES) -> Tuple[List[str], List[str]]:
+                 allowed_missing: Tuple[str, ...] = HEAD_PREFIXES,
+                 sd: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[List[str], List[str]]:
     """Load a pre-trained encoder from any supported source into ``model`` (non-strict, checked).
 
     Every model key must be present in the checkpoint except those starting with
     ``allowed_missing`` (the head and ``fc_norm``): a missing encoder weight would silently stay
-    random, so it stops the run instead.
+    random, so it stops the run instead. ``sd``: the tensors of ``source`` when already read
+    (:func:`read_state_dict`), so that a large file is not read twice.
 
     Returns:
         (missing, unexpected) key lists, also logged.
     """
-    sd = read_state_dict(source, sha256)
+    sd = read_state_dict(source, sha256) if sd is None else sd
     require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
     sd = adapt_to_vit(sd, model)
     model_keys = set(model.state_dict())
