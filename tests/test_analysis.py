@@ -68,15 +68,23 @@ def test_probe_separates_linearly_separable_features_from_xor():
 
 def test_probe_tool_on_two_checkpoints_of_different_layouts(two_checkpoints, small_folder, tmp_path):
     results = run(probe_layers, *two_checkpoints, "--names", "ours", "enc", "--data_path", small_folder,
-                  "--output_dir", tmp_path / "probe", "--max_iter", 200)
+                  "--output_dir", tmp_path / "probe", "--max_iter", 200, "--train_per_class", 0, 3)
     saved = json.loads((tmp_path / "probe" / "probe_layers.json").read_text())
     assert saved["results"] == results and set(results) == {"ours", "enc"}
-    for per_pool in results.values():
-        assert set(per_pool) == {"token", "avg"}
-        assert all(len(accs) == 4 and all(0.0 <= a <= 100.0 for a in accs) for accs in per_pool.values())
+    for per_key in results.values():
+        assert set(per_key) == {"token", "avg", "token_3shot", "avg_3shot"}
+        assert all(len(accs) == 4 and all(0.0 <= a <= 100.0 for a in accs) for accs in per_key.values())
     assert results["ours"] != results["enc"]  # two different encoders, probed separately
     assert max(max(a) for a in results["ours"].values()) > 20.0  # learns something (chance is 10 %)
     assert png_size(tmp_path / "probe" / "probe_layers.png")[0] > 0
+
+
+def test_few_per_class_takes_k_of_every_class():
+    labels = np.array([0] * 5 + [1] * 2 + [2] * 4)
+    idx = probe_layers.few_per_class(labels, 3, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [3, 2, 3]  # class 1 has only 2
+    assert idx.tolist() == sorted(set(idx.tolist()))
+    assert probe_layers.few_per_class(labels, 3, seed=0).tolist() == idx.tolist()  # seeded
 
 
 def test_one_pass_features_equal_the_per_layer_features(two_checkpoints, small_folder):
@@ -240,3 +248,52 @@ def test_visualization_of_a_clip_checkpoint_draws_cosine_maps(tmp_path, small_fo
 def test_visualize_refuses_a_checkpoint_without_model_cfg(two_checkpoints):
     with pytest.raises(UserError, match="not a pre-training checkpoint of this repo"):
         visualize.load_pretrained(two_checkpoints[1])
+
+
+# --------------------------------------------------------------------------------------------
+# the study's bookkeeping (tools/run_experiments.py): numbers read back from the files the scripts write
+
+
+def test_study_statistics_and_tables_from_constructed_run_files(tmp_path):
+    from tools import run_experiments as study
+
+    seeds = [0, 1]
+    probes, attention = {}, {}
+    for seed in seeds:
+        for k, config in enumerate(("init", "mae", "deepmim")):
+            name = f"{config}_seed{seed}"
+            probes[name] = {"avg": [50.0 + 10 * k + seed, 60.0], "avg_10shot": [30.0, 40.0 + 2 * seed]}
+            attention[name] = [{"layer": 1, "mean_distance": 8.0 + seed, "diversity": 0.1 * k},
+                               {"layer": 2, "mean_distance": 6.0, "diversity": 0.0}]
+            if config != "init":
+                run = study.run_dir(tmp_path, config, seed)
+                (run / "pretrain").mkdir(parents=True)
+                (run / "finetune").mkdir()
+                (run / "pretrain" / "log.txt").write_text("".join(
+                    json.dumps({"train_loss_L12": 1.0 - 0.1 * e - 0.01 * k, "epoch": e}) + "\n" for e in range(3)))
+                accs = [70.0, 90.0 + 2 * seed, 80.0 + 4 * seed]  # best 90 / 92, last 80 / 84
+                (run / "finetune" / "log.txt").write_text("".join(
+                    json.dumps({"test_acc1": acc, "epoch": e}) + "\n" for e, acc in enumerate(accs)))
+        (tmp_path / "analysis" / f"probe_seed{seed}").mkdir(parents=True)
+        (tmp_path / "analysis" / f"probe_seed{seed}" / "probe_layers.json").write_text(
+            json.dumps({"results": {n: v for n, v in probes.items() if n.endswith(f"seed{seed}")}}))
+    (tmp_path / "analysis" / "attention").mkdir()
+    (tmp_path / "analysis" / "attention" / "attention.json").write_text(json.dumps({"results": attention}))
+
+    res = study.collect(tmp_path, seeds)
+    mae = res["mae"]["stats"]
+    assert mae["ft_final"]["values"] == [80.0, 84.0] and mae["ft_final"]["mean"] == 82.0
+    assert mae["ft_final"]["std"] == pytest.approx(math.sqrt(8.0))  # sample std of (80, 84): sqrt(2^2 + 2^2)
+    assert mae["ft_best"]["values"] == [90.0, 92.0]
+    assert [s["mean"] for s in mae["loss_L12"]] == pytest.approx([0.99, 0.89, 0.79])
+    assert mae["probe"]["avg"][0]["mean"] == 60.5 and mae["probe"]["avg_10shot"][1]["mean"] == 41.0
+    assert res["deepmim"]["stats"]["probe"]["avg"][0]["mean"] == 70.5
+    assert res["init"]["stats"]["distance"][0]["mean"] == 8.5 and "ft_final" not in res["init"]["stats"]
+
+    meta = {"seeds": seeds, "epochs": 3, "ft_epochs": 3, "wall_time": "0:00:01", "cpus": 2, "jobs": 2, "cpu_seconds": 2.0,
+            "idle_machine_estimate": "0:00:01"}
+    md = study.tables(res, meta)
+    # DeepMIM's last-epoch accuracies equal MAE's here: (80, 84) -> Δ 0, standard error sqrt(8/2 + 8/2) = 2.83
+    assert "| last epoch | 82.0 ± 2.8 | 82.0 ± 2.8 | +0.0 ± 2.8 |" in md
+    assert "| 1 | 50.5 ± 0.7 | 60.5 ± 0.7 | 70.5 ± 0.7 | +10.0 ± 0.7 |" in md  # avg probe, layer 1
+    assert "10 training images per class" in md
