@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python tools/demo.py --output_dir $(DEMO)
 
-# the small study (EXPERIMENTS.md): plain MAE vs DeepMIM, 3 seeds each, on the built-in digits (~15-20 min on 2 cores)
+# the small study (EXPERIMENTS.md): plain MAE vs DeepMIM, 3 seeds each, on the built-in digits (~12 min on 2 idle cores)
 experiments: install
 	$(BIN)/python tools/run_experiments.py --output_dir experiments --work_dir output_dir/experiments
 
