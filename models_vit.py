@@ -6,17 +6,20 @@ names are MAE's / timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``
 ``norm`` or ``fc_norm``, ``head``), so pre-training checkpoints, MAE releases and timm state dicts
 load directly.
 """
+import logging
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from util import convert
 from util.errors import UserError
 from util.registry import Registry
 
 MODELS = Registry("fine-tuning model")
+_log = logging.getLogger(__name__)
 
 ARCHS: Dict[str, Dict[str, int]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -39,14 +42,38 @@ class ViT(VisionTransformer):
                 cls token passes the final norm, as in MAE's linear probing; other layers give
                 their raw block output.
         """
+        return self.multi_layer_features(x, [layer], (pool,))[pool][0]
+
+    def multi_layer_features(self, x: torch.Tensor, layers: Sequence[int],
+                             pools: Sequence[str] = ("token",)) -> Dict[str, List[torch.Tensor]]:
+        """Pooled features of several layers from one forward pass (stopping after the deepest one).
+
+        Returns:
+            ``{pool: [features [N, D] of each of layers, in the order given]}``; pooling as in
+            :meth:`layer_features`.
+        """
         depth = len(self.blocks)
-        if not 1 <= layer <= depth:
-            raise UserError(f"--probe_layer {layer} is outside 1..{depth} for this {depth}-block model.")
-        (patches, prefix), = self.forward_intermediates(
-            x, indices=[layer - 1], return_prefix_tokens=True, norm=layer == depth and pool == "token",
-            stop_early=True, output_fmt="NLC", intermediates_only=True,
+        for layer in layers:
+            if not 1 <= layer <= depth:
+                raise UserError(f"--probe_layer {layer} is outside 1..{depth} for this {depth}-block model.")
+        unknown = set(pools) - {"token", "avg"}
+        if unknown:
+            raise UserError(f"Unknown pooling {sorted(unknown)}; use 'token' (cls token) or 'avg'.")
+        taken = sorted(set(layers))  # timm returns the blocks in depth order
+        outputs = self.forward_intermediates(
+            x, indices=[k - 1 for k in taken], return_prefix_tokens=True, norm=False, stop_early=True,
+            output_fmt="NLC", intermediates_only=True,
         )
-        return prefix[:, 0] if pool == "token" else patches.mean(dim=1)
+        by_layer = dict(zip(taken, outputs))
+        feats: Dict[str, List[torch.Tensor]] = {pool: [] for pool in pools}
+        for layer in layers:
+            patches, prefix = by_layer[layer]
+            for pool in pools:
+                if pool == "avg":
+                    feats[pool].append(patches.mean(dim=1))
+                else:  # LayerNorm acts per token: norm(x)[:, 0] == norm(x[:, 0])
+                    feats[pool].append(self.norm(prefix[:, 0]) if layer == depth else prefix[:, 0])
+        return feats
 
 
 def build_vit(**kwargs: Any) -> ViT:
@@ -78,6 +105,41 @@ def create_model(name: str, **kwargs: Any) -> ViT:
     ``drop_path_rate``, ``global_pool`` ('avg' or 'token'), ... ``None`` keeps the default.
     """
     return MODELS.get(name)(**kwargs)
+
+
+def from_checkpoint(source: str, name: Optional[str] = None, img_size: Optional[int] = None,
+                    num_heads: Optional[int] = None) -> ViT:
+    """A headless ViT holding the encoder of any checkpoint :func:`util.convert.load_encoder` reads.
+
+    The architecture is the registered ``name``, or read off the weights (width, depth, patch size).
+    Heads cannot be read off weights: ``num_heads``, else the checkpoint's ``model_cfg`` (this repo's
+    pre-training) or its ``args['model']`` (fine-tuning), else the standard count for the width. The
+    image size defaults to the checkpoint's own (its position grid times the patch size), so the
+    encoder sees the resolution it was trained at. Returned in eval mode.
+    """
+    obj = convert.read_checkpoint(source)
+    sd = convert.state_dict_of(obj, source)
+    convert.require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
+    enc = convert.infer_encoder_config(sd)
+    img_size = img_size or enc["img_size"]
+    # a fine-tuned checkpoint (global pool) has fc_norm instead of the final norm
+    pool = "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token"
+    meta = obj if isinstance(obj, dict) else {}
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    if not name and not num_heads and args.get("model") in MODELS:
+        name = args["model"]  # a fine-tuned checkpoint of this repo names its ViT
+    if name:
+        heads = {"num_heads": num_heads} if num_heads else {}  # None would replace the entry's own count
+        model = create_model(name, num_classes=0, img_size=img_size, global_pool=pool, **heads)
+    else:
+        heads = num_heads or (meta.get("model_cfg") or {}).get("num_heads")
+        if not heads:
+            heads = convert.STANDARD_HEADS.get(enc["embed_dim"], max(1, enc["embed_dim"] // 64))
+            _log.info("%s: %d heads assumed for width %d (pass --num_heads otherwise)", source, heads, enc["embed_dim"])
+        model = build_vit(embed_dim=enc["embed_dim"], depth=enc["depth"], patch_size=enc["patch_size"], num_heads=heads,
+                          img_size=img_size, num_classes=0, global_pool=pool)
+    convert.load_encoder_state(model, sd, source)
+    return model.eval()
 
 
 def native_size(name: str) -> int:

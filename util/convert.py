@@ -64,12 +64,17 @@ def fetch_url(url: str, sha256: Optional[str] = None) -> str:
     return str(dest)
 
 
+def read_checkpoint(source: str, sha256: Optional[str] = None) -> Any:
+    """The object stored in a checkpoint file, ``.safetensors`` or http(s) URL (weights-only load)."""
+    if source.startswith(("http://", "https://")):
+        source = fetch_url(source, sha256)
+    return load_file(source)
+
+
 def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a checkpoint (file, ``.safetensors`` or http(s) URL), unwrapped from
     ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
-    if source.startswith(("http://", "https://")):
-        source = fetch_url(source, sha256)
-    return state_dict_of(load_file(source), source)
+    return state_dict_of(read_checkpoint(source, sha256), source)
 
 
 def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
@@ -193,7 +198,7 @@ def load_encoder(model: nn.Module, source: str, sha256: Optional[str] = None,
 
     Every model key must be present in the checkpoint except those starting with
     ``allowed_missing`` (the head and ``fc_norm``): a missing encoder weight would silently stay
-    random, so it stops the run instead.
+    random, so it stops the run instead. :func:`load_encoder_state` takes tensors already read.
 
     Returns:
         (missing, unexpected) key lists, also logged.
