@@ -96,10 +96,11 @@ def test_benchmark_tool_reports_and_compares(tmp_path):
     from tools import benchmark
 
     out = tmp_path / "bench.json"
-    bargs = benchmark.get_args_parser().parse_args(["--steps", "2", "--rounds", "2", "--warmup", "1", "--json", str(out),
-                                                    "--compare", "", "--ds_layers 12"])
-    results = benchmark.main(bargs, ["--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--batch_size", "4",
-                                     "--device", "cpu", "--decoder_depth", "1"])
+    bargs, rest = benchmark.parse_cli(["--steps", "2", "--compare", "", "--ds_layers 12", "--rounds", "2", "--warmup",
+                                       "1", "--json", str(out), "--", "--model", "deepmim_vit_tiny_patch4",
+                                       "--input_size", "16", "--batch_size", "4", "--device", "cpu",
+                                       "--decoder_depth", "1"])
+    results = benchmark.main(bargs, rest)
     data = json.loads(out.read_text())
     assert [r["setting"] for r in data["results"]] == ["", "--ds_layers 12"]
     for r in results:
@@ -107,6 +108,17 @@ def test_benchmark_tool_reports_and_compares(tmp_path):
         assert r["images_per_s"] > 0 and r["steps_timed"] == 2
     # four decoders cost more FLOPs than one
     assert results[0]["gflops_per_image"] > results[1]["gflops_per_image"] > 0
+
+
+def test_benchmark_compare_takes_settings_that_look_like_flags():
+    from tools import benchmark
+
+    bargs, rest = benchmark.parse_cli(["--compare", "", "--compile", "--no-fused_adamw", "--amp bf16", "--steps", "3",
+                                       "--", "--model", "m", "--compile"])
+    assert bargs.compare == ["", "--compile", "--no-fused_adamw", "--amp bf16"] and bargs.steps == 3
+    assert rest == ["--model", "m", "--compile"]
+    with pytest.raises(SystemExit, match="at least one setting"):
+        benchmark.parse_cli(["--compare", "--steps", "3"])
 
 
 @pytest.mark.parametrize("mode_args", [["--mode", "finetune"]])

@@ -271,16 +271,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_argv(argv: List[str]):
+def split_argv(argv: List[str], own_flags: List[str]):
+    """(the benchmark's own arguments, the settings of ``--compare``, the script's arguments after ``--``).
+
+    The settings are taken by hand, every argument after ``--compare`` up to the next of the
+    benchmark's own flags or ``--``: argparse would read a setting such as ``"--compile"`` as an
+    option of the benchmark."""
+    rest: List[str] = []
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
+        argv, rest = argv[:i], argv[i + 1:]
+    compare = None
+    if "--compare" in argv:
+        i = argv.index("--compare")
+        j = i + 1
+        while j < len(argv) and argv[j] not in own_flags:
+            j += 1
+        compare = argv[i + 1:j]
+        if not compare:
+            raise SystemExit('error: --compare needs at least one setting (a string of flags, "" for the base)')
+        argv = argv[:i] + argv[j:]
+    return argv, compare, rest
+
+
+def parse_cli(argv: List[str]):
+    """The benchmark's arguments and the script's command line (after ``--``)."""
+    parser = get_args_parser()
+    own_flags = [s for a in parser._actions for s in a.option_strings]
+    own, compare, rest = split_argv(argv, own_flags)
+    parsed = parser.parse_args(own)
+    if compare is not None:
+        parsed.compare = compare
+    if parsed.steps < 1 or parsed.rounds < 1:
+        raise SystemExit("error: --steps and --rounds must be at least 1")
+    return parsed, rest
 
 
 if __name__ == "__main__":
-    own, rest = split_argv(sys.argv[1:])
-    parsed = get_args_parser().parse_args(own)
-    if parsed.steps < 1 or parsed.rounds < 1:
-        raise SystemExit("error: --steps and --rounds must be at least 1")
+    parsed, rest = parse_cli(sys.argv[1:])
     run_cli(lambda a: main(a, rest), parsed)
