@@ -85,6 +85,7 @@ class Bench:
         self.amp = resolve_amp(args.amp, self.device)
         self.batch = args.batch_size
         seed_everything(0)
+        self.targets = None
         if mode == "pretrain":
             if bench_args.random_clip and not args.clip_path:
                 args.clip_path = random_clip_file(models_deepmim.model_config(args.model, img_size=args.input_size))
@@ -147,10 +148,20 @@ class Bench:
             self.times.append(sections)
 
     def count_flops(self) -> None:
-        """FLOPs of one step (teacher forward + student forward and backward) per image."""
+        """FLOPs of one step (teacher forward + student forward and backward) per image.
+
+        Counted on the eager modules (the same FLOPs): the counter's module hooks would make the
+        compiled graphs recompile."""
+        saved = self.compiled, self.student, self.targets
+        self.compiled, self.student = False, self.model
+        if self.targets is not None:
+            self.targets = {n: getattr(t, "_orig_mod", t) for n, t in self.targets.items()}
         counter = FlopCounterMode(display=False)
-        with counter:
-            self.step(record=False)
+        try:
+            with counter:
+                self.step(record=False)
+        finally:
+            self.compiled, self.student, self.targets = saved
         self.flops_per_image = counter.get_total_flops() / self.batch
 
     # -- results ---------------------------------------------------------------------------
