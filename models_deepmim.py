@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from util.errors import UserError
 from util.pos_embed import sincos_2d
-from util.registry import Registry
+from util.registry import VIT_ARCHS, Registry
 from util.targets import LOSSES, masked_mean
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -339,13 +339,7 @@ class DeepMIM(nn.Module):
 
 MODELS = Registry("pre-training model")
 
-ENCODERS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
-}
+ENCODERS = VIT_ARCHS
 
 
 def _entry(size: str, patch_size: int, **defaults: Any):

@@ -16,18 +16,12 @@ from torch import nn
 
 from util import convert
 from util.errors import UserError
-from util.registry import Registry
+from util.registry import VIT_ARCHS, Registry
 
 MODELS = Registry("fine-tuning model")
 _log = logging.getLogger(__name__)
 
-ARCHS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
-}
+ARCHS = VIT_ARCHS
 
 
 class ViT(VisionTransformer):

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402
+from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
@@ -50,11 +51,7 @@ _log = logging.getLogger("attention_analysis")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Attention distance and diversity per layer")
-    p.add_argument("checkpoints", nargs="+", help="checkpoints of any layout util/convert.load_encoder reads")
-    p.add_argument("--names", nargs="+", default=None, help="one label per checkpoint (default: the paths)")
-    p.add_argument("--model", default=None, help="registered ViT name (default: read the shapes off the checkpoint)")
-    p.add_argument("--num_heads", default=None, type=int, help="encoder heads when inferring (default: standard)")
-    p.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
+    add_checkpoint_args(p)
     p.add_argument("--data_path", default="digits", help="ImageFolder root with val/ inside, or 'digits'")
     p.add_argument("--num_images", default=256, type=int, help="first N validation images")
     p.add_argument("--batch_size", default=64, type=int)
@@ -194,9 +191,7 @@ def load_images(data_path: str, size: int, num_images: int) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> Dict[str, List[Dict[str, Any]]]:
-    names = args.names or list(args.checkpoints)
-    if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
-        raise UserError(f"--names needs {len(args.checkpoints)} distinct labels, one per checkpoint.")
+    names = checkpoint_names(args)
     out = check_writable(args.output_dir)
     setup_logging(0)
     device = torch.device(args.device)

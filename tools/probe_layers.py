@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402
+from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
-from util.errors import UserError  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
 
 _log = logging.getLogger("probe_layers")
@@ -44,11 +44,7 @@ _log = logging.getLogger("probe_layers")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Linear-probe accuracy of every encoder layer")
-    p.add_argument("checkpoints", nargs="+", help="checkpoints of any layout util/convert.load_encoder reads")
-    p.add_argument("--names", nargs="+", default=None, help="one label per checkpoint (default: the paths)")
-    p.add_argument("--model", default=None, help="registered ViT name (default: read the shapes off the checkpoint)")
-    p.add_argument("--num_heads", default=None, type=int, help="encoder heads when inferring (default: standard)")
-    p.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
+    add_checkpoint_args(p)
     p.add_argument("--data_path", default="digits", help="ImageFolder root with train/ and val/, or 'digits'")
     p.add_argument("--output_dir", default="output_dir/probe_layers")
     p.add_argument("--recipe", default="fast", choices=["fast", "linprobe"],
@@ -181,11 +177,7 @@ def safe_name(name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
-    names = args.names or list(args.checkpoints)
-    if len(names) != len(args.checkpoints):
-        raise UserError(f"--names gives {len(names)} labels for {len(args.checkpoints)} checkpoints; give one each.")
-    if len(set(names)) != len(names):
-        raise UserError("--names must be distinct (they key the results).")
+    names = checkpoint_names(args)
     if args.recipe == "linprobe":
         from util.convert import infer_encoder_config, read_state_dict
 

@@ -341,19 +341,16 @@ def plots(res: Dict[str, Any], out: Path) -> None:
         fig.savefig(out / name, dpi=90)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for key in CONFIGS:
-        s = res[key]["stats"]["loss_L12"]
-        band(ax, range(1, len(s) + 1), s, key, marker="o", ms=2)
-    ax.set(xlabel="pre-training epoch", ylabel="loss of layer 12 (epoch mean)", title="pre-training loss, last layer")
-    save(fig, "pretrain_loss.png")
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for key in CONFIGS:
-        s = res[key]["stats"]["ft_acc"]
-        band(ax, range(1, len(s) + 1), s, key, marker="o", ms=2)
-    ax.set(xlabel="fine-tuning epoch", ylabel="val top-1 (%)", title="fine-tuning")
-    save(fig, "finetune_acc.png")
+    curves = [("loss_L12", "pre-training epoch", "loss of layer 12 (epoch mean)", "pre-training loss, last layer",
+               "pretrain_loss.png"),
+              ("ft_acc", "fine-tuning epoch", "val top-1 (%)", "fine-tuning", "finetune_acc.png")]
+    for stat, xlabel, ylabel, title, name in curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key in CONFIGS:
+            s = res[key]["stats"][stat]
+            band(ax, range(1, len(s) + 1), s, key, marker="o", ms=2)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        save(fig, name)
 
     keys = sorted(res["mae"]["stats"]["probe"], key=lambda k: ("shot" in k, k))  # full probes on the top row
     cols = 2

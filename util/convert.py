@@ -28,6 +28,7 @@ from torch import nn
 from util.checkpoint import load_file
 from util.errors import UserError
 from util.pos_embed import resize_pos_embed
+from util.registry import VIT_ARCHS
 
 _log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def load_encoder_state(model: nn.Module, sd: Dict[str, torch.Tensor], source: st
 # --------------------------------------------------------------------------------------------
 # rebuilding a pre-training config from weights alone (for converted reference / MAE releases)
 
-STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+STANDARD_HEADS = {a["embed_dim"]: a["num_heads"] for a in VIT_ARCHS.values()}  # heads by width
 
 
 def infer_pretrain_config(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None,

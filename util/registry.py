@@ -7,6 +7,15 @@ from typing import Callable, Dict, List
 
 from util.errors import UserError
 
+# the standard ViT sizes (ViT / DeiT / MAE papers), shared by the pre-training and fine-tuning registries
+VIT_ARCHS: Dict[str, Dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+
 
 class Registry:
     """Maps model names to factory functions.
