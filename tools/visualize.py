@@ -34,9 +34,7 @@ from util.checkpoint import load_file  # noqa: E402
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
-from util.targets import LOSSES, PixelTarget, patchify, unpatchify  # noqa: E402
-
-NORM_PIX_EPS = 1.0e-6  # the variance offset of util.targets.PixelTarget
+from util.targets import LOSSES, PixelTarget, patch_mean_std, patchify, unpatchify  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -117,9 +115,8 @@ def reconstruct(model: models_deepmim.DeepMIM, imgs: torch.Tensor, norm_pix: boo
         recons = []
         for pred in out.preds:
             if norm_pix:  # back from per-patch normalized pixels with the true patch's statistics (MAE)
-                mean = patches.mean(dim=-1, keepdim=True)
-                var = patches.var(dim=-1, keepdim=True)
-                pred = pred * (var + NORM_PIX_EPS) ** 0.5 + mean
+                mean, std = patch_mean_std(patches)
+                pred = pred * std + mean
             pasted = patches * (1 - mask[..., None]) + pred * mask[..., None]
             recons.append(unpatchify(pasted, p, cfg.grid))
         result["recons"] = recons

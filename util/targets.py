@@ -77,6 +77,15 @@ LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+NORM_PIX_EPS = 1.0e-6  # MAE's variance offset for --norm_pix_loss
+
+
+def patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and ``sqrt(var + 1e-6)`` (unbiased variance) of [N, L, D] patches: what
+    ``--norm_pix_loss`` normalizes by, and what a reconstruction is de-normalized with."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+
+
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average a [N, L] loss over the patches where ``mask`` is 1 (removed patches)."""
     return (per_patch * mask).sum() / mask.sum()
@@ -129,9 +138,8 @@ class PixelTarget(Target):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         target = patchify(imgs.float(), self.patch_size)  # [N, L, p*p*3]
         if self.norm_pix:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = patch_mean_std(target)
+            target = (target - mean) / std
         return target
 
     def extra_repr(self) -> str:
