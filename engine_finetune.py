@@ -1,11 +1,11 @@
-"""One fine-tuning (or linear-probing) epoch, evaluation, and the epoch loop with the best checkpoint.
+"""The classification job (fine-tuning and linear probing): the loss, evaluation, the best checkpoint.
 
 Used by ``main_finetune.py`` and ``main_linprobe.py``: the two differ only in model, optimizer and
-augmentation, never in how an epoch runs or how accuracy is counted.
+augmentation, never in how an epoch runs or how accuracy is counted. The loop is ``util/trainer.py``.
 """
+import argparse
 import logging
-import time
-from functools import partial
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -13,12 +13,49 @@ from torch import nn
 
 from util import checkpoint as ckpt_util
 from util import dist as dist_util
-from util.datasets import eval_loader, train_loader
-from util.loop import train_one_epoch as run_epoch
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
+from util.datasets import AugConfig, FolderData, eval_loader, train_loader
+from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
 from util.runner import Run
+from util.trainer import Commit, Job, Trainer, epoch_trainer_config
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifierFlags(FlagConfig):
+    """The model and weights flags of fine-tuning and linear probing (MAE's names)."""
+
+    model: str = "vit_base_patch16"
+    input_size: Optional[int] = None
+    global_pool: bool = True
+    nb_classes: Optional[int] = None
+    finetune: str = ""
+    finetune_sha256: Optional[str] = None
+    eval: bool = False
+    dist_eval: bool = False
+    drop_path: float = 0.0
+    layer_decay: float = 1.0
+    probe_layer: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Everything fine-tuning / linear probing reads, built once from the flags (:meth:`from_args`)."""
+
+    run: RunConfig
+    train: TrainConfig
+    optim: OptimConfig
+    model: ClassifierFlags
+    aug: AugConfig
+    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ClassifyConfig":
+        flags = flag_dict(args)
+        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
+                   ClassifierFlags.from_flags(flags), AugConfig.from_flags(flags), flags)
 
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable] = None):
@@ -71,59 +108,98 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
 
 
-def fit(run: Run, model: nn.Module, train_model: nn.Module, loss_fn, train_loader, val_loader, optimizer, scaler,
-        start_epoch: int, start_step: int, resumed: Dict[str, Any]) -> Dict[str, float]:
-    """Train from ``start_epoch`` to ``--epochs``, evaluating after every epoch.
+def evaluate_and_report(run: Run, model: nn.Module, val_loader, dist_eval: bool) -> Dict[str, float]:
+    """``--eval``: evaluate once, log, and print MAE's accuracy line."""
+    stats = evaluate(model, val_loader, run.device, run.amp_dtype, reduce=dist_eval)
+    _log.info("val top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images", stats["acc1"], stats["acc5"], stats["loss"],
+              stats["count"])
+    if run.is_main:
+        print(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
+    return stats
 
-    Writes ``checkpoint-best.pth`` whenever validation top-1 improves; the best accuracy survives
-    resume (it is stored in every checkpoint as ``max_accuracy``).
+
+class ClassificationJob(Job):
+    """Fine-tuning / linear probing: evaluated after every epoch; ``checkpoint-best.pth`` whenever
+    validation top-1 improves (the best accuracy survives resume: every checkpoint stores it as
+    ``max_accuracy``).
+
+    Args:
+        model / optimizer / scaler: the plain model and its optimizer and loss scaler.
+        loss_fn: :func:`classification_loss`.
+        lr: the schedule, step -> learning rate.
+        val_loader: the validation loader (this rank's shard with ``dist_eval``).
+        dist_eval: sum the counts over ranks (each image once).
     """
-    args = run.args
-    max_acc = float(resumed.get("max_accuracy", 0.0))
-    test: Dict[str, float] = {}
 
-    def state(epoch: int, acc: float, step_in_epoch: int = 0) -> Dict[str, Any]:  # built on rank 0 only
-        return ckpt_util.training_state(model, optimizer, scaler, epoch, run.args_dict(), step_in_epoch=step_in_epoch,
-                                        max_accuracy=acc)
+    metric_names = ("loss",)
 
-    t0 = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        skip = start_step if epoch == start_epoch else 0
-        train_loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        train = run_epoch(train_model, loss_fn, ["loss"], train_loader, optimizer, scaler, run, epoch, start_step=skip)
-        if "stopped_at" in train:  # preempted mid-epoch: checkpoint-last.pth, no evaluation, exit
-            run.end_epoch(partial(state, epoch, max_acc), epoch, {}, stopped_at=train["stopped_at"])
-        test = evaluate(model, val_loader, run.device, run.amp_dtype, reduce=args.dist_eval)
-        best = test["acc1"] > max_acc
-        max_acc = max(max_acc, test["acc1"])
+    def __init__(self, run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 loss_fn, lr: Callable[[int], float], val_loader, dist_eval: bool) -> None:
+        self.run, self.model, self.optimizer, self.scaler = run, model, optimizer, scaler
+        self.loss, self._lr, self.val_loader, self.dist_eval = loss_fn, lr, val_loader, dist_eval
+        self.max_accuracy = 0.0
+        self.test: Dict[str, float] = {}
+
+    def lr(self, step: int) -> float:
+        return self._lr(step)
+
+    def metric_labels(self):
+        return ["the classification loss"]
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, train: Dict[str, float]) -> Commit:
+        run = self.run
+        test = evaluate(self.model, self.val_loader, run.device, run.amp_dtype, reduce=self.dist_eval)
+        best = test["acc1"] > self.max_accuracy
+        self.max_accuracy = max(self.max_accuracy, test["acc1"])
+        self.test = test
         _log.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% on %d images (best %.2f%%)", epoch, test["acc1"],
-                  test["acc5"], test["count"], max_acc)
+                  test["acc5"], test["count"], self.max_accuracy)
         run.tb.scalars({"test/acc1": test["acc1"], "test/acc5": test["acc5"], "test/loss": test["loss"]}, epoch)
-        run.end_epoch(partial(state, epoch, max_acc), epoch, {**{f"train_{k}": v for k, v in train.items()},
-                                     **{f"test_{k}": v for k, v in test.items()}, "max_accuracy": max_acc}, best=best)
-    _log.info("training time %s; best val top-1 %.2f%%", fmt_seconds(time.time() - t0), max_acc)
-    return {**test, "max_accuracy": max_acc}
+        record = {**{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()},
+                  "max_accuracy": self.max_accuracy}
+        return Commit([record], [ckpt_util.BEST] if best else [])
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"max_accuracy": self.max_accuracy}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        self.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+
+    def result(self, trainer: Trainer, elapsed: float) -> Dict[str, Any]:
+        _log.info("training time %s; best val top-1 %.2f%%", fmt_seconds(elapsed), self.max_accuracy)
+        return {**self.test, "max_accuracy": self.max_accuracy}
 
 
-def run_classification(run: Run, model: nn.Module, optimizer, loss_fn, train_set, val_set) -> Dict[str, float]:
-    """Resume, then either ``--eval`` (evaluate and return) or train with :func:`fit`."""
-    args, device = run.args, run.device
-    pin = args.pin_mem and device.type == "cuda"
-    scaler = make_scaler(device, run.amp_dtype)
-    start_epoch, start_step, resumed = run.resume(model, optimizer, scaler)
-    eval_rank, eval_world = (run.info.rank, run.info.world_size) if args.dist_eval else (0, 1)
-    val_loader = eval_loader(val_set, args.batch_size, eval_rank, eval_world, args.num_workers, pin)
-    if args.eval:
-        if not (args.finetune or resumed):
+def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+                       optim: OptimConfig, train_set, val_set, saved_args: Dict[str, Any]) -> Dict[str, Any]:
+    """``--eval`` (evaluate the checkpoint and return), or train with the :class:`ClassificationJob`.
+
+    ``--eval`` reads ``--resume`` (else the furthest checkpoint in ``--output_dir``, else the
+    ``--finetune`` weights already in ``model``); any file holding ``{'model': ...}`` works, MAE's
+    released fine-tuned weights included.
+    """
+    train, device = c.train, run.device
+    pin = train.pin_mem and device.type == "cuda"
+    eval_rank, eval_world = (run.info.rank, run.info.world_size) if c.model.dist_eval else (0, 1)
+    val_loader = eval_loader(val_set, train.batch_size, eval_rank, eval_world, train.num_workers, pin)
+    if c.model.eval:
+        path: Optional[str] = train.resume or None
+        if path is None and train.auto_resume:
+            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
+            path = dist_util.broadcast_object(str(found) if found else None)
+        if path is not None:
+            ckpt_util.load_training_state(ckpt_util.read_checkpoint(path), path, model)
+            _log.info("evaluating %s", path)
+        elif not c.model.finetune:
             _log.warning("--eval without --resume / --finetune: evaluating a randomly initialised model")
-        stats = evaluate(model, val_loader, device, run.amp_dtype, reduce=args.dist_eval)
-        _log.info("val top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images", stats["acc1"], stats["acc5"], stats["loss"],
-                  stats["count"])
-        if run.is_main:
-            print(f"Accuracy of the network on the {stats['count']} test images: {stats['acc1']:.2f}%")
-        return stats
-    loader = train_loader(train_set, args.batch_size, run.info.rank, run.info.world_size, args.seed, args.num_workers, pin)
-    _log.info("%d training / %d validation images, %d iterations per epoch", len(train_set), len(val_set), len(loader))
-    run.save_config()
-    return fit(run, model, run.wrap(model), loss_fn, loader, val_loader, optimizer, scaler, start_epoch, start_step,
-               resumed)
+        return evaluate_and_report(run, model, val_loader, c.model.dist_eval)
+    loader = train_loader(train_set, train.batch_size, run.info.rank, run.info.world_size, c.run.seed,
+                          train.num_workers, pin)
+    data = FolderData(train_set, loader, train.batch_size)
+    schedule = cosine_schedule(optim.lr, optim.min_lr, optim.warmup_epochs, train.epochs, data.steps_per_epoch)
+    job = ClassificationJob(run, model, optimizer, make_scaler(device, run.amp_dtype), loss_fn, schedule, val_loader,
+                            c.model.dist_eval)
+    trainer = Trainer(run, job, data, epoch_trainer_config(train, c.run.seed, data.steps_per_epoch), saved_args)
+    _log.info("%d training / %d validation images, %d iterations per epoch", len(train_set), len(val_set),
+              data.steps_per_epoch)
+    return trainer.fit()

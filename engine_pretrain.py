@@ -1,18 +1,16 @@
-"""One pre-training epoch: the targets (teacher forward, once per step), DeepMIM forward and loss.
-
-The loop itself (schedule, precision, accumulation, logging, NaN check) is ``util.loop``.
-"""
-from typing import Dict, List
+"""The pre-training job: the targets of one batch (each teacher runs once per step), the DeepMIM
+forward and its loss, the cosine schedule. The loop itself is ``util/trainer.py``."""
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from util.loop import train_one_epoch as run_epoch
-from util.runner import Run
-from util.targets import Target, compute_targets
+from models_deepmim import DeepMIM
+from targets.base import Target, check_resume_targets, compute_targets
+from util.trainer import Job
 
 
-def pretrain_loss(targets: Dict[str, Target], layer_targets: List[str], mask_ratio: float):
+def pretrain_loss(targets: Dict[str, Target], layer_targets: Sequence[str], mask_ratio: float):
     """The loss of one batch: each target runs once, each supervised layer reads its own."""
 
     def loss_fn(model: nn.Module, batch):
@@ -24,10 +22,31 @@ def pretrain_loss(targets: Dict[str, Target], layer_targets: List[str], mask_rat
     return loss_fn
 
 
-def train_one_epoch(model: nn.Module, targets: Dict[str, Target], layer_targets: List[str], loader,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run, epoch: int,
-                    start_step: int = 0) -> Dict[str, float]:
-    """Pre-train for one epoch; metrics are each supervised layer's loss (``loss_L6`` ...)."""
-    args = run.args
-    return run_epoch(model, pretrain_loss(targets, layer_targets, args.mask_ratio), [f"L{x}" for x in args.ds_layers],
-                     loader, optimizer, scaler, run, epoch, start_step=start_step, total_weights=args.ds_weights)
+class PretrainJob(Job):
+    """DeepMIM pre-training: metrics are each supervised layer's loss (logged as ``loss_L6`` ...).
+
+    Args:
+        model: the DeepMIM model (plain, unwrapped).
+        targets / layer_targets: the targets, and which one each supervised layer reconstructs.
+        mask_ratio: fraction of patches removed.
+        lr: the schedule, step -> learning rate.
+    """
+
+    def __init__(self, model: DeepMIM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 targets: Dict[str, Target], layer_targets: List[str], mask_ratio: float, lr) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.targets, self.layer_targets = targets, layer_targets
+        self.metric_names = [f"L{x}" for x in model.cfg.ds_layers]
+        self.metric_weights = list(model.cfg.ds_weights)
+        self.loss = pretrain_loss(targets, layer_targets, mask_ratio)
+        self._lr = lr
+
+    def lr(self, step: int) -> float:
+        return self._lr(step)
+
+    def check_resume(self, ckpt: Dict[str, Any], path: str) -> None:
+        cfg = self.model.cfg
+        check_resume_targets(ckpt, cfg.pred_dims, cfg.losses, self.layer_targets, path)
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"model_cfg": self.model.cfg.to_dict()}

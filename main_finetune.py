@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
-from engine_finetune import classification_loss, run_classification
+from engine_finetune import ClassifyConfig, classification_loss, run_classification
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, finetune_transform
@@ -56,42 +56,46 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    with start_run(args) as run:
-        return finetune(run, args)
+    cfg = ClassifyConfig.from_args(args)
+    with start_run(cfg.run) as run:
+        return finetune(run, cfg)
 
 
-def finetune(run: Run, args: argparse.Namespace) -> dict:
-    args.input_size = args.input_size or models_vit.native_size(args.model)
-    train_set, val_set, args.nb_classes = classification_datasets(
-        args.data_path, finetune_transform(args), eval_transform(args.input_size), args.nb_classes,
-        need_train=not args.eval)
+def finetune(run: Run, c: ClassifyConfig) -> dict:
+    m, aug = c.model, c.aug
+    input_size = m.input_size or models_vit.native_size(m.model)
+    train_set, val_set, nb_classes = classification_datasets(
+        c.train.data_path, finetune_transform(input_size, aug), eval_transform(input_size), m.nb_classes,
+        need_train=not m.eval)
 
-    model = models_vit.create_model(args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                                    drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token")
-    if args.finetune and not args.resume:
-        load_encoder(model, args.finetune, args.finetune_sha256)
-        trunc_normal_(model.head.weight, std=2e-5)  # MAE: start from a near-zero head
+    model = models_vit.create_model(m.model, num_classes=nb_classes, img_size=input_size,
+                                    drop_path_rate=m.drop_path, global_pool="avg" if m.global_pool else "token")
+    if m.finetune and not c.train.resume:
+        missing, _ = load_encoder(model, m.finetune, m.finetune_sha256)
+        if "head.weight" in missing:
+            trunc_normal_(model.head.weight, std=2e-5)  # MAE: start from a near-zero head
     model.to(run.device)
 
-    eff_batch = args.batch_size * args.accum_iter * run.info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    optimizer = adamw(layer_decay_groups(model, args.weight_decay, args.layer_decay), args.lr, device=run.device,
-                      fused=args.fused_adamw)
+    eff_batch = c.train.batch_size * c.train.accum_iter * run.info.world_size
+    optim = c.optim.resolved(eff_batch)
+    optimizer = adamw(layer_decay_groups(model, optim.weight_decay, m.layer_decay), optim.lr, device=run.device,
+                      fused=optim.fused_adamw)
 
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    if aug.mixup > 0 or aug.cutmix > 0 or aug.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax,
+                         prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
+                         label_smoothing=aug.smoothing, num_classes=nb_classes)
         criterion = SoftTargetCrossEntropy()  # label smoothing is folded into the mixed targets
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif aug.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=aug.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", args.model,
-              args.nb_classes, eff_batch, args.lr, args.lr * 256 / eff_batch, args.layer_decay, run.amp_dtype)
-    return run_classification(run, model, optimizer, classification_loss(criterion, mixup_fn), train_set, val_set)
+    _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", m.model,
+              nb_classes, eff_batch, optim.lr, optim.lr * 256 / eff_batch, m.layer_decay, run.amp_dtype)
+    saved = run.resolved_args(c.flags, input_size=input_size, nb_classes=nb_classes, lr=optim.lr)
+    return run_classification(run, c, model, optimizer, classification_loss(criterion, mixup_fn), optim, train_set,
+                              val_set, saved)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from timm.optim import Lars
 from torch import nn
 
 import models_vit
-from engine_finetune import classification_loss, run_classification
+from engine_finetune import ClassifyConfig, classification_loss, run_classification
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, linprobe_transform
@@ -71,39 +71,43 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    with start_run(args) as run:
-        return linprobe(run, args)
+    cfg = ClassifyConfig.from_args(args)
+    with start_run(cfg.run) as run:
+        return linprobe(run, cfg)
 
 
-def linprobe(run: Run, args: argparse.Namespace) -> dict:
-    args.input_size = args.input_size or models_vit.native_size(args.model)
-    train_set, val_set, args.nb_classes = classification_datasets(
-        args.data_path, linprobe_transform(args.input_size, args.crop_scale, args.hflip), eval_transform(args.input_size),
-        args.nb_classes, need_train=not args.eval)
+def linprobe(run: Run, c: ClassifyConfig) -> dict:
+    m = c.model
+    input_size = m.input_size or models_vit.native_size(m.model)
+    train_set, val_set, nb_classes = classification_datasets(
+        c.train.data_path, linprobe_transform(input_size, c.aug.crop_scale, c.aug.hflip), eval_transform(input_size),
+        m.nb_classes, need_train=not m.eval)
 
-    encoder = models_vit.create_model(args.model, num_classes=0, img_size=args.input_size, global_pool="token")
-    if args.finetune and not args.resume:
-        load_encoder(encoder, args.finetune, args.finetune_sha256)
-    elif not (args.finetune or args.resume or args.eval):
+    encoder = models_vit.create_model(m.model, num_classes=0, img_size=input_size, global_pool="token")
+    if m.finetune and not c.train.resume:
+        load_encoder(encoder, m.finetune, m.finetune_sha256)
+    elif not (m.finetune or c.train.resume or m.eval):
         raise UserError("Linear probing needs pre-trained weights: pass --finetune CHECKPOINT.")
     depth = len(encoder.blocks)
-    args.probe_layer = args.probe_layer or depth
-    if not 1 <= args.probe_layer <= depth:
-        raise UserError(f"--probe_layer {args.probe_layer} is outside 1..{depth} for {args.model}.")
-    model = LinearProbe(encoder, args.nb_classes, args.probe_layer, "avg" if args.global_pool else "token").to(run.device)
+    probe_layer = m.probe_layer or depth
+    if not 1 <= probe_layer <= depth:
+        raise UserError(f"--probe_layer {probe_layer} is outside 1..{depth} for {m.model}.")
+    model = LinearProbe(encoder, nb_classes, probe_layer, "avg" if m.global_pool else "token").to(run.device)
 
-    eff_batch = args.batch_size * args.accum_iter * run.info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
+    eff_batch = c.train.batch_size * c.train.accum_iter * run.info.world_size
+    optim = c.optim.resolved(eff_batch)
     linear = model.head[1]
     # MAE's LARS: weight decay and the trust ratio on the weight matrix only, plain momentum SGD on the bias
-    optimizer = Lars([{"params": [linear.weight], "weight_decay": args.weight_decay, "always_adapt": True},
+    optimizer = Lars([{"params": [linear.weight], "weight_decay": optim.weight_decay, "always_adapt": True},
                       {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
-                     lr=args.lr, momentum=0.9)
-    _log.info("%s: probing layer %d (%s) for %d classes; effective batch %d; lr %.3e (blr %.3e)", args.model,
-              args.probe_layer, "avg pool" if args.global_pool else "cls token", args.nb_classes, eff_batch, args.lr,
-              args.lr * 256 / eff_batch)
-    return run_classification(run, model, optimizer, classification_loss(nn.CrossEntropyLoss()), train_set, val_set)
+                     lr=optim.lr, momentum=0.9)
+    _log.info("%s: probing layer %d (%s) for %d classes; effective batch %d; lr %.3e (blr %.3e)", m.model,
+              probe_layer, "avg pool" if m.global_pool else "cls token", nb_classes, eff_batch, optim.lr,
+              optim.lr * 256 / eff_batch)
+    saved = run.resolved_args(c.flags, input_size=input_size, nb_classes=nb_classes, probe_layer=probe_layer,
+                              lr=optim.lr)
+    return run_classification(run, c, model, optimizer, classification_loss(nn.CrossEntropyLoss()), optim, train_set,
+                              val_set, saved)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,23 @@
 import argparse
 import dataclasses
 import logging
-import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 import models_deepmim
-from engine_pretrain import train_one_epoch
-from util import checkpoint as ckpt_util
+from engine_pretrain import PretrainJob
+from targets.base import Target, TargetConfig, describe_targets
+from targets.registry import TARGETS, build_targets
 from util.cli import add_optim_args, add_run_args, str2list
-from util.datasets import image_folder, pretrain_transform, resolve_data_path, train_loader
-from util.misc import fmt_seconds, make_scaler, run_cli
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
+from util.datasets import FolderData, image_folder, pretrain_transform, resolve_data_path, train_loader
+from util.lr_sched import cosine_schedule
+from util.misc import make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
 from util.runner import Run, start_run
-from util.targets import TARGETS, Target, build_targets, check_resume_targets, describe_targets
+from util.trainer import Trainer, epoch_trainer_config
 
 _log = logging.getLogger("main_pretrain")
 
@@ -77,76 +80,100 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model_and_targets(args: argparse.Namespace, device: torch.device, amp_dtype: Optional[torch.dtype]
+@dataclass(frozen=True)
+class ModelFlags(FlagConfig):
+    """The model flags of pre-training (None: the registered model's default)."""
+
+    model: str = "deepmim_vit_base_patch16"
+    input_size: Optional[int] = None
+    mask_ratio: float = 0.75
+    ds_layers: Optional[Tuple[int, ...]] = None
+    ds_weights: Optional[Tuple[float, ...]] = None
+    decoder_embed_dim: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    decoder_num_heads: Optional[int] = None
+
+    def model_config(self) -> models_deepmim.DeepMIMConfig:
+        return models_deepmim.model_config(
+            self.model, img_size=self.input_size, ds_layers=self.ds_layers, ds_weights=self.ds_weights,
+            decoder_embed_dim=self.decoder_embed_dim, decoder_depth=self.decoder_depth,
+            decoder_num_heads=self.decoder_num_heads)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything pre-training reads, built once from the flags (:meth:`from_args`)."""
+
+    run: RunConfig
+    train: TrainConfig
+    optim: OptimConfig
+    model: ModelFlags
+    targets: TargetConfig
+    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PretrainConfig":
+        flags = flag_dict(args)
+        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
+                   ModelFlags.from_flags(flags), TargetConfig.from_flags(flags), flags)
+
+
+def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device: torch.device,
+                            amp_dtype: Optional[torch.dtype], compile: bool = False
                             ) -> Tuple[models_deepmim.DeepMIMConfig, Dict[str, Target], List[str]]:
     """The model config and the targets the flags ask for (targets on ``device``, frozen, in the amp dtype).
 
     The config comes first because the targets need its patch grid; then the decoders' prediction
-    widths and losses come from the targets. Resolved values are written back into ``args``.
+    widths and losses come from the targets.
     """
-    cfg = models_deepmim.model_config(
-        args.model, img_size=args.input_size, ds_layers=args.ds_layers, ds_weights=args.ds_weights,
-        decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_num_heads,
-    )
-    args.input_size, args.ds_layers, args.ds_weights = cfg.img_size, list(cfg.ds_layers), list(cfg.ds_weights)
-    targets, layer_targets = build_targets(args, cfg.grid, cfg.img_size, cfg.patch_size, len(cfg.ds_layers))
+    cfg = model.model_config()
+    targets, layer_targets = build_targets(targets_cfg, cfg.grid, cfg.img_size, cfg.patch_size, len(cfg.ds_layers),
+                                           cfg.ds_layers)
     cfg = dataclasses.replace(cfg, pred_dims=tuple(targets[n].dim for n in layer_targets),
                               losses=tuple(targets[n].loss for n in layer_targets))
-    # the resolved choice, as plain types in config.json and the checkpoints' args
-    args.ds_targets = list(layer_targets)
-    args.target = layer_targets[0] if len(set(layer_targets)) == 1 else None
     for t in targets.values():
         t.to(device=device, dtype=amp_dtype or torch.float32)
-    if getattr(args, "compile", False):  # the frozen teacher is compiled on its own (inference graph)
+    if compile:  # the frozen teacher is compiled on its own (inference graph)
         targets = {name: torch.compile(t) for name, t in targets.items()}
     return cfg, targets, layer_targets
 
 
 def main(args: argparse.Namespace) -> dict:
-    with start_run(args) as run:
-        return pretrain(run, args)
+    cfg = PretrainConfig.from_args(args)
+    with start_run(cfg.run) as run:
+        return pretrain(run, cfg)
 
 
-def pretrain(run: Run, args: argparse.Namespace) -> dict:
-    device, amp_dtype = run.device, run.amp_dtype
+def pretrain(run: Run, c: PretrainConfig) -> dict:
+    device, amp_dtype, train = run.device, run.amp_dtype, c.train
+    cfg, targets, layer_targets = build_model_and_targets(c.model, c.targets, device, amp_dtype, train.compile)
 
-    cfg, targets, layer_targets = build_model_and_targets(args, device, amp_dtype)
-
-    dataset = image_folder(resolve_data_path(args.data_path) / "train", pretrain_transform(cfg.img_size), "training")
-    loader = train_loader(dataset, args.batch_size, run.info.rank, run.info.world_size, args.seed, args.num_workers,
-                          args.pin_mem and device.type == "cuda")
+    dataset = image_folder(resolve_data_path(train.data_path) / "train", pretrain_transform(cfg.img_size), "training")
+    loader = train_loader(dataset, train.batch_size, run.info.rank, run.info.world_size, c.run.seed, train.num_workers,
+                          train.pin_mem and device.type == "cuda")
+    data = FolderData(dataset, loader, train.batch_size)
 
     model = models_deepmim.DeepMIM(cfg).to(device)
-    eff_batch = args.batch_size * args.accum_iter * run.info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    optimizer = adamw(weight_decay_groups(model, args.weight_decay), args.lr, betas=(0.9, 0.95), device=device,
-                      fused=args.fused_adamw)
+    eff_batch = train.batch_size * train.accum_iter * run.info.world_size
+    optim = c.optim.resolved(eff_batch)
+    optimizer = adamw(weight_decay_groups(model, optim.weight_decay), optim.lr, betas=(0.9, 0.95), device=device,
+                      fused=optim.fused_adamw)
     scaler = make_scaler(device, amp_dtype)
-    start_epoch, start_step, _ = run.resume(
-        model, optimizer, scaler,
-        check=lambda ckpt, path: check_resume_targets(ckpt, cfg.pred_dims, cfg.losses, layer_targets, path))
+    # the resolved choice, as plain types in config.json and the checkpoints' args
+    saved = run.resolved_args(c.flags, input_size=cfg.img_size, ds_layers=list(cfg.ds_layers),
+                              ds_weights=list(cfg.ds_weights), ds_targets=list(layer_targets),
+                              target=layer_targets[0] if len(set(layer_targets)) == 1 else None, lr=optim.lr)
+    job = PretrainJob(model, optimizer, scaler, targets, layer_targets, c.model.mask_ratio,
+                      cosine_schedule(optim.lr, optim.min_lr, optim.warmup_epochs, train.epochs,
+                                      data.steps_per_epoch))
+    trainer = Trainer(run, job, data, epoch_trainer_config(train, c.run.seed, data.steps_per_epoch), saved,
+                      config_extra={"model_cfg": cfg.to_dict()})
 
-    _log.info("model %s: %s", args.model, cfg.to_dict())
+    _log.info("model %s: %s", c.model.model, cfg.to_dict())
     _log.info("targets: %s", describe_targets(targets, layer_targets))
     _log.info("%d training images; effective batch %d; lr %.3e (blr %.3e); amp %s; %d iterations/epoch",
-              len(dataset), eff_batch, args.lr, args.lr * 256 / eff_batch, amp_dtype, len(loader))
-    train_model = run.wrap(model)
-    run.save_config(model_cfg=cfg.to_dict())
-
-    t0 = time.time()
-    stats: dict = {}
-    for epoch in range(start_epoch, args.epochs):
-        skip = start_step if epoch == start_epoch else 0
-        loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        stats = train_one_epoch(train_model, targets, layer_targets, loader, optimizer, scaler, run, epoch,
-                                start_step=skip)
-        run.end_epoch(lambda step_in_epoch=0, epoch=epoch: ckpt_util.training_state(
-                          model, optimizer, scaler, epoch, run.args_dict(), cfg.to_dict(), step_in_epoch=step_in_epoch),
-                      epoch, {f"train_{k}": v for k, v in stats.items()}, stopped_at=stats.get("stopped_at"))
-    _log.info("training time %s", fmt_seconds(time.time() - t0))
-    return stats
+              len(dataset), eff_batch, optim.lr, optim.lr * 256 / eff_batch, amp_dtype, data.steps_per_epoch)
+    return trainer.fit()
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from targets.losses import LOSSES, masked_mean
 from util.errors import UserError
 from util.pos_embed import sincos_2d
 from util.registry import VIT_ARCHS, Registry
-from util.targets import LOSSES, masked_mean
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -46,7 +46,7 @@ class DeepMIMConfig:
     """Everything needed to rebuild the model; stored in checkpoints as plain types.
 
     ``ds_layers`` are 1-based block indices; ``pred_dims`` / ``losses`` give, per supervised layer,
-    the width of its target tokens and the key of its loss in ``util.targets.LOSSES``.
+    the width of its target tokens and the key of its loss in ``targets.losses.LOSSES``.
     """
 
     img_size: int = 224

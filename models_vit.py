@@ -16,7 +16,7 @@ from torch import nn
 
 from util import convert
 from util.errors import UserError
-from util.registry import VIT_ARCHS, Registry
+from util.registry import VIT_ARCHS, Registry, vit_heads
 
 MODELS = Registry("fine-tuning model")
 _log = logging.getLogger(__name__)
@@ -102,38 +102,50 @@ def create_model(name: str, **kwargs: Any) -> ViT:
 
 
 def from_checkpoint(source: str, name: Optional[str] = None, img_size: Optional[int] = None,
-                    num_heads: Optional[int] = None) -> ViT:
-    """A headless ViT holding the encoder of any checkpoint :func:`util.convert.load_encoder` reads.
+                    num_heads: Optional[int] = None, **kwargs: Any) -> ViT:
+    """A ViT holding the encoder of any checkpoint :func:`util.convert.read_encoder` reads (eval mode).
 
-    The architecture is the registered ``name``, or read off the weights (width, depth, patch size).
-    Heads cannot be read off weights: ``num_heads``, else the checkpoint's ``model_cfg`` (this repo's
-    pre-training) or its ``args['model']`` (fine-tuning), else the standard count for the width. The
-    image size defaults to the checkpoint's own (its position grid times the patch size), so the
-    encoder sees the resolution it was trained at. Returned in eval mode.
+    The one "encoder from a checkpoint" builder (:func:`build_from` on the file's tensors): analysis
+    tools, teachers and evaluation use it. Keyword arguments go to the ViT (``num_classes``,
+    default 0: headless; ``global_pool``; ``drop_path_rate``).
     """
-    obj = convert.read_checkpoint(source)
-    sd = convert.state_dict_of(obj, source)
-    convert.require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
-    enc = convert.infer_encoder_config(sd)
+    return build_from(convert.read_encoder(source), name, img_size, num_heads, **kwargs).eval()
+
+
+def build_from(ckpt: convert.EncoderFile, name: Optional[str] = None, img_size: Optional[int] = None,
+               num_heads: Optional[int] = None, allowed_missing: Sequence[str] = convert.HEAD_PREFIXES,
+               **kwargs: Any) -> ViT:
+    """Build a ViT for the encoder in ``ckpt`` and load it (every encoder weight must be there).
+
+    The architecture is the registered ``name``, else the checkpoint's own model name (``args['model']``
+    of a fine-tuning checkpoint of this repo), else read off the weights (width, depth, patch size, MLP
+    width). Heads cannot be read off weights: ``num_heads``, else the checkpoint's ``model_cfg`` (this
+    repo's pre-training), else the standard count for the width. The image size defaults to the
+    checkpoint's own (its position grid times the patch size), so the encoder sees the resolution it
+    was trained at. ``global_pool`` defaults to ``'avg'`` for a fine-tuned file with ``fc_norm`` and
+    no final norm, else ``'token'``.
+    """
+    sd, enc = ckpt.state, ckpt.arch
     img_size = img_size or enc["img_size"]
+    kwargs.setdefault("num_classes", 0)
     # a fine-tuned checkpoint (global pool) has fc_norm instead of the final norm
-    pool = "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token"
-    meta = obj if isinstance(obj, dict) else {}
-    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    if not name and not num_heads and args.get("model") in MODELS:
-        name = args["model"]  # a fine-tuned checkpoint of this repo names its ViT
+    kwargs.setdefault("global_pool", "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token")
+    if not name and not num_heads and ckpt.saved_args.get("model") in MODELS:
+        name = ckpt.saved_args["model"]  # a fine-tuned checkpoint of this repo names its ViT
     if name:
         heads = {"num_heads": num_heads} if num_heads else {}  # None would replace the entry's own count
-        model = create_model(name, num_classes=0, img_size=img_size, global_pool=pool, **heads)
+        model = create_model(name, img_size=img_size, **heads, **kwargs)
     else:
-        heads = num_heads or (meta.get("model_cfg") or {}).get("num_heads")
+        heads = num_heads or ckpt.model_cfg.get("num_heads")
         if not heads:
-            heads = convert.STANDARD_HEADS.get(enc["embed_dim"], max(1, enc["embed_dim"] // 64))
-            _log.info("%s: %d heads assumed for width %d (pass --num_heads otherwise)", source, heads, enc["embed_dim"])
+            heads = vit_heads(enc["embed_dim"])
+            _log.info("%s: %d heads assumed for width %d (pass --num_heads otherwise)", ckpt.source, heads,
+                      enc["embed_dim"])
         model = build_vit(embed_dim=enc["embed_dim"], depth=enc["depth"], patch_size=enc["patch_size"], num_heads=heads,
-                          img_size=img_size, num_classes=0, global_pool=pool)
-    convert.load_encoder_state(model, sd, source)
-    return model.eval()
+                          mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / enc["embed_dim"], img_size=img_size,
+                          **kwargs)
+    convert.load_encoder_state(model, sd, ckpt.source, tuple(allowed_missing))
+    return model
 
 
 def native_size(name: str) -> int:

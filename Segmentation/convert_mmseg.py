@@ -34,9 +34,9 @@ from timm.layers import gen_relative_position_index  # noqa: E402
 import models_vit  # noqa: E402
 from Segmentation.data import ADE20K_CLASSES  # noqa: E402
 from Segmentation.models import STRIDES, SegConfig, default_out_indices  # noqa: E402
-from util.checkpoint import load_file, save_atomic  # noqa: E402
-from util.convert import STANDARD_HEADS  # noqa: E402
+from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 from util.errors import UserError  # noqa: E402
+from util.registry import vit_heads  # noqa: E402
 
 _OURS_TO_MMSEG = [(re.compile(r"^backbone\.blocks\.(\d+)\.ls([12])\.gamma$"), r"backbone.blocks.\1.gamma_\2"),
                   (re.compile(r"^backbone\.necks\.(\d+)\."), lambda m: f"backbone.fpn{int(m.group(1)) + 1}.")]
@@ -95,7 +95,7 @@ def to_mmseg(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     for k in tables:  # the reference registers the index as a (persistent) buffer
         sd[k.replace("relative_position_bias_table", "relative_position_index")] = gen_relative_position_index(
             grid, class_token=True)
-    num_heads = sd[tables[0]].shape[1] if tables else STANDARD_HEADS.get(embed_dim, max(1, embed_dim // 64))
+    num_heads = sd[tables[0]].shape[1] if tables else vit_heads(embed_dim)
     classes = ckpt.get("classes") or (list(ADE20K_CLASSES) if cfg.num_classes == 150 else
                                       [f"class_{i}" for i in range(cfg.num_classes)])
     stride = int(ckpt.get("args", {}).get("stride", 341))
@@ -188,7 +188,7 @@ def eval_flags(cfg: SegConfig) -> List[str]:
 
 
 def main(args: argparse.Namespace) -> None:
-    src = load_file(args.src)
+    src = read_checkpoint(args.src)
     if not isinstance(src, dict):
         raise UserError(f"{args.src} does not hold a checkpoint dictionary.")
     if args.to == "mmseg":

@@ -340,19 +340,22 @@ class IterationSampler(Sampler):
         return max(self.iters - self.start_iter, 0) * self.batch_size
 
 
-def train_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start_iter: int,
-                 iters: int, num_workers: int, pin_mem: bool) -> DataLoader:
-    """One pass of this rank's batches for iterations ``start_iter .. iters - 1`` (no epochs to manage)."""
-    if len(dataset) < batch_size * world_size:
-        raise UserError(f"The training set has {len(dataset)} images, fewer than one batch of {batch_size} x "
-                        f"{world_size} process(es). Lower --batch_size.")
-    return DataLoader(
-        SeededDataset(dataset),
-        sampler=IterationSampler(len(dataset), batch_size, rank, world_size, seed, start_iter, iters),
-        batch_size=batch_size, num_workers=num_workers, pin_memory=pin_mem, drop_last=True,
-    )
+class IterationData:
+    """The training data of iteration-based training, read by global step (``util.trainer.TrainData``):
+    the batches of iterations ``start_step .. iters - 1`` of this rank (:class:`IterationSampler`)."""
 
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, iters: int,
+                 num_workers: int, pin_mem: bool) -> None:
+        if len(dataset) < batch_size * world_size:
+            raise UserError(f"The training set has {len(dataset)} images, fewer than one batch of {batch_size} x "
+                            f"{world_size} process(es). Lower --batch_size.")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.iters, self.num_workers, self.pin_mem = seed, iters, num_workers, pin_mem
+        self.num_samples = len(dataset)
+        self.steps_per_epoch = max(1, len(dataset) // (batch_size * world_size))
 
-def epochs_done(iteration: int, batch_size: int, world_size: int, length: int) -> int:
-    """Completed passes over the training set after ``iteration`` iterations (stored as ``epoch``)."""
-    return iteration // max(1, length // (batch_size * world_size))
+    def batches(self, start_step: int) -> Iterator:
+        sampler = IterationSampler(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
+                                   start_step, self.iters)
+        yield from DataLoader(SeededDataset(self.dataset), sampler=sampler, batch_size=self.batch_size,
+                              num_workers=self.num_workers, pin_memory=self.pin_mem, drop_last=True)

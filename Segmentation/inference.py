@@ -16,7 +16,7 @@ the evaluation loop.
 """
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +127,3 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, cfg: I
     dist_util.all_reduce_sum(areas)
     dist_util.all_reduce_sum(images)
     return areas, int(images)
-
-
-def inference_config(args, num_classes: int) -> InferenceConfig:
-    """The :class:`InferenceConfig` of the command-line flags (``--aug_test``: ratios 0.5-1.75 and flip)."""
-    ratios: Sequence[float] = tuple(args.aug_ratios) if args.aug_test else (1.0,)
-    return InferenceConfig(num_classes=num_classes, mode=args.mode, crop=args.crop_size, stride=args.stride,
-                      img_scale=tuple(args.img_scale), ratios=tuple(ratios), flip=args.aug_test,
-                      crops_per_batch=args.crops_per_batch)

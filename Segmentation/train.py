@@ -15,8 +15,9 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script (python / torchrun Segmentation/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from Segmentation import data  # noqa: E402
-from Segmentation.inference import AUG_RATIOS, InferenceConfig, evaluate, inference_config  # noqa: E402
+from Segmentation.inference import AUG_RATIOS, InferenceConfig, evaluate  # noqa: E402
 from Segmentation.metrics import format_table, summarize  # noqa: E402
 from Segmentation.models import (  # noqa: E402
     SegConfig,
@@ -37,18 +38,15 @@ from Segmentation.models import (  # noqa: E402
 from util import checkpoint as ckpt_util  # noqa: E402
 from util import dist as dist_util  # noqa: E402
 from util.cli import add_run_args, str2list  # noqa: E402
+from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
 from util.datasets import eval_loader  # noqa: E402
-from util.loop import NonFiniteTracker, train_step  # noqa: E402
-from util.lr_sched import poly_lr_at, set_lr  # noqa: E402
-from util.misc import derive_seed, fmt_seconds, make_scaler, run_cli, seed_everything  # noqa: E402
+from util.lr_sched import poly_schedule  # noqa: E402
+from util.misc import fmt_seconds, make_scaler, run_cli  # noqa: E402
 from util.optim import adamw, layer_decay_groups  # noqa: E402
 from util.runner import Run, start_run  # noqa: E402
+from util.trainer import Commit, Job, Trainer, TrainerConfig  # noqa: E402
 
 _log = logging.getLogger("Segmentation.train")
-
-METRICS = ["decode", "aux", "acc_seg"]  # per-step metrics: the two losses and the pixel accuracy
-METRIC_NAMES = ["the decode head", "the auxiliary head", "the pixel accuracy"]  # for the non-finite message
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DeepMIM semantic segmentation: UperNet on the ViT (ADE20K)")
@@ -102,27 +100,71 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--aug_ratios", default=AUG_RATIOS, type=str2list(float), help="scales of --aug_test")
     e.add_argument("--crops_per_batch", default=8, type=int, help="sliding windows per forward pass")
     e.add_argument("--eval_every", default=16000, type=int, help="iterations between evaluations")
+    e.add_argument("--save_every", default=16000, type=int,
+                   help="iterations between numbered checkpoints (checkpoint-<iteration>.pth)")
     e.add_argument("--save_last_every", default=1000, type=int, help="iterations between checkpoint-last.pth writes")
-    add_run_args(p)
-    p.set_defaults(data_path="data/ade/ADEChallengeData2016", save_every=16000, log_every=50, num_workers=4)
+    add_run_args(p, by_epoch=False)
+    p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
     for action in p._actions:  # the shared flags, in this script's units
         action.help = {
             "data_path": "ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the built-in data",
-            "save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)",
             "log_every": "iterations between log lines, log.txt lines and TensorBoard points",
-            "start_epoch": argparse.SUPPRESS,
         }.get(action.dest, action.help)
     return p
 
 
-def model_config(args: argparse.Namespace) -> SegConfig:
-    return SegConfig(
-        model=args.model, img_size=args.crop_size, num_classes=args.num_classes,
-        out_indices=tuple(args.out_indices) if args.out_indices else None, drop_path=args.drop_path,
-        rel_pos_bias=args.rel_pos_bias, init_values=args.init_values or None, channels=args.channels,
-        pool_scales=tuple(args.pool_scales), aux_channels=args.aux_channels, aux_weight=args.aux_weight,
-        dropout=args.dropout_ratio,
-    )
+@dataclass(frozen=True)
+class SegFlags(FlagConfig):
+    """The segmentation flags besides the shared run / loop ones (see :func:`get_args_parser`)."""
+
+    model: str = "vit_base_patch16"
+    num_classes: Optional[int] = None
+    out_indices: Optional[Tuple[int, ...]] = None
+    drop_path: float = 0.1
+    rel_pos_bias: bool = True
+    init_values: float = 1.0
+    channels: int = 768
+    pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    dropout_ratio: float = 0.1
+    lr: float = 5e-5
+    layer_decay: float = 0.9
+    weight_decay: float = 0.05
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    fused_adamw: Optional[bool] = None
+    crop_size: int = 512
+    img_scale: Tuple[int, int] = (2048, 512)
+    ratio_range: Tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    finetune: str = ""
+    finetune_sha256: Optional[str] = None
+    eval: bool = False
+    mode: str = "slide"
+    stride: int = 341
+    aug_test: bool = False
+    aug_ratios: Tuple[float, ...] = AUG_RATIOS
+    crops_per_batch: int = 8
+    eval_every: int = 16000
+    save_last_every: int = 1000
+
+    def model_config(self, num_classes: int) -> SegConfig:
+        return SegConfig(
+            model=self.model, img_size=self.crop_size, num_classes=num_classes, out_indices=self.out_indices,
+            drop_path=self.drop_path, rel_pos_bias=self.rel_pos_bias, init_values=self.init_values or None,
+            channels=self.channels, pool_scales=tuple(self.pool_scales), aux_channels=self.aux_channels,
+            aux_weight=self.aux_weight, dropout=self.dropout_ratio,
+        )
+
+    def inference_config(self, num_classes: int) -> InferenceConfig:
+        """How validation images are predicted (``--aug_test``: ratios 0.5-1.75 and flip)."""
+        ratios: Sequence[float] = tuple(self.aug_ratios) if self.aug_test else (1.0,)
+        return InferenceConfig(num_classes=num_classes, mode=self.mode, crop=self.crop_size, stride=self.stride,
+                               img_scale=tuple(self.img_scale), ratios=tuple(ratios), flip=self.aug_test,
+                               crops_per_batch=self.crops_per_batch)
 
 
 def segmentation_loss(aux_weight: float):
@@ -157,91 +199,70 @@ def validate(run: Run, model: Segmentor, loader, cfg: InferenceConfig, names: Se
     return {**stats, "images": images, "record": record}
 
 
-def fit(run: Run, model: Segmentor, optimizer, scaler, loader, val_loader, test_cfg: InferenceConfig,
-        names: List[str], start_iter: int, train_len: int) -> Dict[str, Any]:
-    """Train from ``start_iter`` to ``--iters``; evaluate every ``--eval_every`` iterations and at the end."""
-    args, device = run.args, run.device
-    world = run.info.world_size
-    train_model = run.wrap(model)
-    loss_fn = segmentation_loss(args.aux_weight)
-    nonfinite = NonFiniteTracker(len(METRICS), device)
-    window = torch.zeros(len(METRICS), device=device)
-    window_n, t_window, t0 = 0, time.perf_counter(), time.time()
-    stats: Dict[str, Any] = {}
+class SegmentationJob(Job):
+    """UperNet training by iteration: decode + auxiliary loss, pixel accuracy; a ``log.txt`` record
+    per log step, mIoU evaluation every ``--eval_every`` iterations and at the end."""
 
-    def state(done: int) -> Dict[str, Any]:
-        epoch = data.epochs_done(done, args.batch_size, world, train_len)
-        return ckpt_util.training_state(model, optimizer, scaler, epoch, run.args_dict(), model.cfg.to_dict(),
-                                        iteration=done, classes=list(names))
+    metric_names = ("decode", "aux", "acc_seg")  # per-step metrics: the two losses and the pixel accuracy
 
-    model.train()
-    for it, batch in enumerate(loader, start=start_iter):
-        lr = set_lr(optimizer, poly_lr_at(it, args.lr, args.iters, args.warmup_iters, args.warmup_ratio, args.power,
-                                          args.min_lr))
-        seed_everything(derive_seed(args.seed, it, args.rank))  # drop path, dropout: a function of (seed, it, rank)
-        metrics = train_step(train_model, loss_fn, batch, optimizer, scaler, device, run.amp_dtype,
-                             clip_grad=args.clip_grad)
-        nonfinite.update(metrics, it)
-        window += metrics
-        window_n += 1
-        done = it + 1
-        last = done == args.iters
+    def __init__(self, run: Run, model: Segmentor, optimizer, scaler, flags: SegFlags, iters: int, val_loader,
+                 test_cfg: InferenceConfig, names: List[str]) -> None:
+        self.run, self.model, self.optimizer, self.scaler = run, model, optimizer, scaler
+        self.flags, self.iters, self.val_loader, self.test_cfg, self.names = flags, iters, val_loader, test_cfg, names
+        self.loss = segmentation_loss(flags.aux_weight)
+        self.lr = poly_schedule(flags.lr, iters, flags.warmup_iters, flags.warmup_ratio, flags.power, flags.min_lr)
+        self.stats: Dict[str, Any] = {}
 
-        if done % args.log_every == 0 or last:
-            nonfinite.check(METRIC_NAMES)
-            decode, aux, acc = (dist_util.all_reduce_sum(window.clone()) / (window_n * world)).tolist()
-            sec = (time.perf_counter() - t_window) / window_n
-            loss = decode + args.aux_weight * aux
-            _log.info("iter [%d/%d] lr %.3e loss %.4f (decode %.4f, aux %.4f) acc_seg %.2f  %.3f s/it, eta %s", done,
-                      args.iters, lr, loss, decode, aux, acc, sec, fmt_seconds(sec * (args.iters - done)))
-            run.tb.scalars({"train/loss": loss, "train/loss_decode": decode, "train/loss_aux": aux,
-                            "train/acc_seg": acc, "train/lr": lr}, done)
-            run.write({"mode": "train", "iteration": done, "lr": lr, "loss": loss, "loss_decode": decode,
-                       "loss_aux": aux, "acc_seg": acc, "time": sec})
-            window.zero_()
-            window_n, t_window = 0, time.perf_counter()
-        if done % args.eval_every == 0 or last:
-            nonfinite.check(METRIC_NAMES)
-            stats = validate(run, model, val_loader, test_cfg, names, done)
-            run.write(stats["record"])
-            model.train()
-        if done % args.save_every == 0 or last:
-            nonfinite.check(METRIC_NAMES)  # never save weights a NaN has reached
-            run.write(None, [ckpt_util.LAST, f"checkpoint-{done}.pth"], lambda done=done: state(done))
-        elif done % args.save_last_every == 0:
-            nonfinite.check(METRIC_NAMES)
-            run.write(None, [ckpt_util.LAST], lambda done=done: state(done))
-        if not last and run.stop():  # SIGTERM / SIGUSR1: every rank agreed to stop after this iteration
-            nonfinite.check(METRIC_NAMES)
-            run.write(None, [ckpt_util.LAST], lambda done=done: state(done))
-            run.preempted(f"iteration {done}")
+    def metric_labels(self) -> List[str]:
+        return ["the loss of the decode head", "the loss of the auxiliary head", "the pixel accuracy"]
 
-    if start_iter >= args.iters:
-        _log.info("already trained for %d iterations; evaluating", start_iter)
-        stats = validate(run, model, val_loader, test_cfg, names, start_iter)
-    _log.info("training time %s; mIoU %.2f", fmt_seconds(time.time() - t0), stats.get("mIoU", float("nan")))
-    return stats
+    def summary(self, values: Sequence[float]) -> Dict[str, float]:
+        decode, aux, acc = values
+        return {"loss": decode + self.flags.aux_weight * aux, "loss_decode": decode, "loss_aux": aux, "acc_seg": acc}
+
+    def progress(self, trainer: Trainer, done: int, values, summary, lr: float, sec_per_it: float) -> str:
+        return (f"iter [{done}/{self.iters}] lr {lr:.3e} loss {summary['loss']:.4f} (decode {summary['loss_decode']:.4f}, "
+                f"aux {summary['loss_aux']:.4f}) acc_seg {summary['acc_seg']:.2f}  {sec_per_it:.3f} s/it, eta "
+                f"{fmt_seconds(sec_per_it * (self.iters - done))}")
+
+    def on_log(self, trainer: Trainer, done: int, summary: Dict[str, float], lr: float, sec_per_it: float):
+        return {"mode": "train", "iteration": done, "lr": lr, **summary, "time": sec_per_it}
+
+    def on_step(self, trainer: Trainer, done: int) -> Commit:
+        self.stats = validate(self.run, self.model, self.val_loader, self.test_cfg, self.names, done)
+        return Commit([self.stats["record"]], [])
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"model_cfg": self.model.cfg.to_dict(), "classes": list(self.names)}
+
+    def result(self, trainer: Trainer, elapsed: float) -> Dict[str, Any]:
+        if not self.stats:
+            _log.info("already trained for %d iterations; evaluating", self.iters)
+            self.stats = validate(self.run, self.model, self.val_loader, self.test_cfg, self.names, self.iters)
+        _log.info("training time %s; mIoU %.2f", fmt_seconds(elapsed), self.stats.get("mIoU", float("nan")))
+        return self.stats
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    with start_run(args) as run:
-        return segment(run, args)
+    flags = flag_dict(args)
+    cfg = (RunConfig.from_flags(flags), TrainConfig.from_flags(flags), SegFlags.from_flags(flags))
+    with start_run(cfg[0]) as run:
+        return segment(run, *cfg[1:], flags)
 
 
-def segment(run: Run, args: argparse.Namespace) -> Dict[str, Any]:
+def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) -> Dict[str, Any]:
     """Train (or ``--eval``) the segmentation model inside a started run."""
-    root = data.resolve_root(args.data_path)
-    names = data.class_names(root, args.num_classes)
-    args.num_classes = len(names)
-    val_set = data.ADE20K(root, data.SPLITS["val"], args.num_classes)
-    pin = args.pin_mem and run.device.type == "cuda"
-    val_loader = eval_loader(val_set, 1, run.info.rank, run.info.world_size, args.num_workers, pin)
-    test_cfg = inference_config(args, args.num_classes)
+    root = data.resolve_root(train.data_path)
+    names = data.class_names(root, f.num_classes)
+    num_classes = len(names)
+    val_set = data.ADE20K(root, data.SPLITS["val"], num_classes)
+    pin = train.pin_mem and run.device.type == "cuda"
+    val_loader = eval_loader(val_set, 1, run.info.rank, run.info.world_size, train.num_workers, pin)
+    test_cfg = f.inference_config(num_classes)
 
-    model = Segmentor(model_config(args))
-    args.out_indices = list(model.cfg.out_indices)
-    if args.finetune and not args.resume:
-        load_pretrained(model, args.finetune, args.finetune_sha256)
+    model = Segmentor(f.model_config(num_classes))
+    if f.finetune and not train.resume:
+        load_pretrained(model, f.finetune, f.finetune_sha256)
     model.to(run.device)
     if run.info.distributed:
         if run.device.type == "cuda":  # BatchNorm over the total batch, as the reference's SyncBN
@@ -249,29 +270,41 @@ def segment(run: Run, args: argparse.Namespace) -> Dict[str, Any]:
         else:
             _log.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", run.device)
 
-    if args.eval:
-        _, _, ckpt = run.resume(model, None, None)
-        if not ckpt:
+    if f.eval:
+        path: Optional[str] = train.resume or None
+        if path is None and train.auto_resume:
+            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
+            path = dist_util.broadcast_object(str(found) if found else None)
+        ckpt: Dict[str, Any] = {}
+        if path is not None:
+            ckpt = ckpt_util.read_checkpoint(path)
+            ckpt_util.load_training_state(ckpt, path, model)
+        else:
             _log.warning("--eval without a checkpoint (--resume, or one in --output_dir): the heads are random")
         stats = validate(run, model, val_loader, test_cfg, names, int(ckpt.get("iteration", 0)))
         print(f"mIoU {stats['mIoU']:.2f}  mAcc {stats['mAcc']:.2f}  aAcc {stats['aAcc']:.2f}  on {stats['images']} images")
         return stats
 
-    train_set = data.ADE20K(root, data.SPLITS["train"], args.num_classes,
-                            data.TrainTransform(args.crop_size, args.img_scale, args.ratio_range, args.cat_max_ratio))
-    optimizer = adamw(layer_decay_groups(model, args.weight_decay, args.layer_decay), args.lr, betas=(0.9, 0.999),
-                      device=run.device, fused=args.fused_adamw)
+    train_set = data.ADE20K(root, data.SPLITS["train"], num_classes,
+                            data.TrainTransform(f.crop_size, f.img_scale, f.ratio_range, f.cat_max_ratio))
+    optimizer = adamw(layer_decay_groups(model, f.weight_decay, f.layer_decay), f.lr, betas=(0.9, 0.999),
+                      device=run.device, fused=f.fused_adamw)
     scaler = make_scaler(run.device, run.amp_dtype)
-    _, _, ckpt = run.resume(model, optimizer, scaler)
-    start_iter = int(ckpt.get("iteration", 0))
-    loader = data.train_loader(train_set, args.batch_size, run.info.rank, run.info.world_size, args.seed, start_iter,
-                               args.iters, args.num_workers, pin)
+    iters = train.iters
+    stream = data.IterationData(train_set, train.batch_size, run.info.rank, run.info.world_size, run.cfg.seed, iters,
+                                train.num_workers, pin)
+    job = SegmentationJob(run, model, optimizer, scaler, f, iters, val_loader, test_cfg, names)
+    trainer_cfg = TrainerConfig(
+        total_steps=iters, steps_per_epoch=stream.steps_per_epoch, batch_size=train.batch_size,
+        clip_grad=train.clip_grad, log_every=train.log_every, seed=run.cfg.seed, by_epoch=False,
+        save_every=train.save_every, save_last_every=f.save_last_every, eval_every=f.eval_every, resume=train.resume,
+        auto_resume=train.auto_resume, compile=train.compile, grad_checkpointing=train.grad_checkpointing)
+    saved = run.resolved_args(flags, num_classes=num_classes, out_indices=list(model.cfg.out_indices))
     _log.info("%s UperNet, %d classes, %.1fM parameters; %d training / %d validation images; total batch %d; "
-              "lr %.2e, layer decay %.2f; amp %s", args.model, args.num_classes,
+              "lr %.2e, layer decay %.2f; amp %s", f.model, num_classes,
               sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set),
-              args.batch_size * run.info.world_size, args.lr, args.layer_decay, run.amp_dtype)
-    run.save_config(model_cfg=model.cfg.to_dict())
-    return fit(run, model, optimizer, scaler, loader, val_loader, test_cfg, names, start_iter, len(train_set))
+              train.batch_size * run.info.world_size, f.lr, f.layer_decay, run.amp_dtype)
+    return Trainer(run, job, stream, trainer_cfg, saved, config_extra={"model_cfg": model.cfg.to_dict()}).fit()
 
 
 if __name__ == "__main__":

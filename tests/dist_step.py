@@ -3,8 +3,8 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_step.py OUT   # each rank: half of the batch
     python tests/dist_step.py OUT                                     # one process: the whole batch
 
-Both use the repo's own pieces (``start_run``, ``Run.wrap``, the optimizer builders and the shared
-loop ``util.loop.train_one_epoch``) on a fixed batch of 8 images with fixed masking noise. Rank 0
+Both use the repo's own pieces (``start_run``, the optimizer builders and the one trainer
+``util.trainer.Trainer``, which wraps the model in DDP) on a fixed batch of 8 images with fixed masking noise. Rank 0
 writes the updated weights and the gradients the step used to ``OUT/{pretrain,finetune}-w{world}.pt``.
 
 The gradients are compared too: AdamW's first step is ``lr * g / (|g| + eps)``, nearly blind to the
@@ -28,15 +28,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 
-import main_pretrain  # noqa: E402
 import models_deepmim  # noqa: E402
 import models_vit  # noqa: E402
 from engine_finetune import classification_loss  # noqa: E402
+from targets.base import compute_targets  # noqa: E402
+from targets.pixel import PixelTarget  # noqa: E402
 from util.checkpoint import unwrap  # noqa: E402
-from util.loop import train_one_epoch  # noqa: E402
+from util.config import RunConfig  # noqa: E402
+from util.lr_sched import cosine_schedule  # noqa: E402
 from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
 from util.runner import start_run  # noqa: E402
-from util.targets import PixelTarget, compute_targets  # noqa: E402
+from util.trainer import Job, Trainer, TrainerConfig  # noqa: E402
 
 BATCH, SIZE, PATCH = 8, 16, 4
 
@@ -56,8 +58,25 @@ def my_share(rank: int, world: int, micro: int, *tensors):
     return [tuple(t[i * n // micro:(i + 1) * n // micro] for t in mine) for i in range(micro)]
 
 
-def step(run, args, model, optimizer, loss_fn, names, batches):
-    """One optimizer step through the shared loop: the weights before and after, and the gradients used."""
+class Batches:
+    """The micro-batches of this rank as the trainer's data: one epoch, one optimizer step."""
+
+    def __init__(self, batches):
+        self.list, self.steps_per_epoch = batches, len(batches)
+
+    def batches(self, start_step: int):
+        yield from self.list[start_step:]
+
+
+class OneStep(Job):
+    def __init__(self, model, optimizer, loss_fn, names, lr):
+        self.model, self.optimizer, self.loss, self.metric_names = model, optimizer, loss_fn, names
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.lr = cosine_schedule(lr, 0.0, 0.0, 1, 1)
+
+
+def step(run, lr, model, optimizer, loss_fn, names, batches):
+    """One optimizer step through the trainer: the weights before and after, and the gradients used."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {}
     param_names = {p: n for n, p in model.named_parameters()}
@@ -66,18 +85,16 @@ def step(run, args, model, optimizer, loss_fn, names, batches):
         grads.update({param_names[p]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None})
 
     optimizer.register_step_pre_hook(keep_grads)
-    args.accum_iter = len(batches)
-    train_one_epoch(run.wrap(model), loss_fn, names, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                    run, 0)
+    cfg = TrainerConfig(total_steps=len(batches), steps_per_epoch=len(batches), batch_size=len(batches[0][0]),
+                        accum_iter=len(batches), log_every=1, auto_resume=False)
+    Trainer(run, OneStep(model, optimizer, loss_fn, names, lr), Batches(batches), cfg, {}).fit()
     return {"initial": initial, "weights": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
             "grads": grads}
 
 
 def main(out: Path) -> None:
-    args = main_pretrain.get_args_parser().parse_args(
-        ["--device", "cpu", "--output_dir", str(out / "run"), "--lr", "1e-5", "--warmup_epochs", "0", "--epochs", "1",
-         "--log_every", "1", "--no_auto_resume"])
-    with start_run(args) as run:
+    lr = 1e-5
+    with start_run(RunConfig(device="cpu", output_dir=str(out / "run"))) as run:
         rank, world = run.info.rank, run.info.world_size
         imgs, noise, labels = fixed_batch()
         results = {}
@@ -94,17 +111,17 @@ def main(out: Path) -> None:
             o = m(x, tgt, mask_ratio=0.75, noise=z)
             return o.loss, o.layer_losses
 
-        opt = adamw(weight_decay_groups(model, 0.05), args.lr, betas=(0.9, 0.95))
+        opt = adamw(weight_decay_groups(model, 0.05), lr, betas=(0.9, 0.95))
         micro = 2 if world > 1 else 1  # per rank: two accumulation micro-batches of 2 images
-        results["pretrain"] = step(run, args, model, opt, pretrain_loss, [f"L{x}" for x in cfg.ds_layers],
+        results["pretrain"] = step(run, lr, model, opt, pretrain_loss, [f"L{x}" for x in cfg.ds_layers],
                                    my_share(rank, world, micro, imgs, noise))
 
         # fine-tuning: the real ViT with layer-wise lr decay and label smoothing (no drop path: it
         # draws different random numbers on each rank)
         torch.manual_seed(0)
         vit = models_vit.create_model("vit_tiny_patch4", num_classes=10, img_size=SIZE, drop_path_rate=0.0)
-        opt = adamw(layer_decay_groups(vit, 0.05, 0.75), args.lr)
-        results["finetune"] = step(run, args, vit, opt, classification_loss(LabelSmoothingCrossEntropy(0.1)), ["loss"],
+        opt = adamw(layer_decay_groups(vit, 0.05, 0.75), lr)
+        results["finetune"] = step(run, lr, vit, opt, classification_loss(LabelSmoothingCrossEntropy(0.1)), ["loss"],
                                    my_share(rank, world, 1, imgs, labels))
         if run.is_main:
             for name, weights in results.items():

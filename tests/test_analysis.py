@@ -9,10 +9,10 @@ from PIL import Image
 
 import models_deepmim
 import models_vit
+from targets.pixel import patchify
 from tools import attention_analysis, probe_layers, visualize
 from util import convert
 from util.errors import UserError
-from util.targets import patchify
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)
@@ -231,7 +231,7 @@ def test_visualization_of_a_clip_checkpoint_draws_cosine_maps(tmp_path, small_fo
 
     model, _ = visualize.load_pretrained(str(ckpt))
     imgs = visualize.pick_images(str(small_folder), 32, 2)
-    from util.clip_teacher import CLIPTeacher, load_clip_visual
+    from targets.clip import CLIPTeacher, load_clip_visual
 
     with torch.no_grad():
         target = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"])))(imgs)

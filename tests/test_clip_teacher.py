@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from util.clip_teacher import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, CLIPTeacher, load_clip_visual
+from targets.base import TargetConfig
+from targets.clip import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, CLIPTeacher, load_clip_visual
+from targets.registry import build_targets
 from util.errors import UserError
-from util.targets import build_targets
 
 
 def _reference_tokens(clip_model, imgs):
@@ -61,8 +62,7 @@ def test_file_that_is_not_clip(tmp_path):
 
 
 def test_grid_mismatch_with_the_student(tiny_clip):
-    class Args:
-        clip_path, clip_model, clip_pretrained, norm_pix_loss = str(tiny_clip["state_dict"]), None, None, False
+    Args = TargetConfig(clip_path=str(tiny_clip["state_dict"]))
 
     targets, per_layer = build_targets(Args, (8, 8), 32, 4, 4)  # 32 px / patch 4: fits
     assert per_layer == ["clip"] * 4 and targets["clip"].dim == 32 and targets["clip"].loss == "cosine"

@@ -28,7 +28,7 @@ from util.dist import detect, first_slurm_host
 from util.errors import Preempted, UserError
 from util.misc import append_jsonl, check_free_space
 from util.preempt import EXIT_PREEMPTED
-from util.runner import rescale_step
+from util.trainer import rescale_step
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",

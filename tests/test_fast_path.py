@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import models_deepmim
-from util.clip_teacher import CLIPTeacher, load_clip_visual
-from util.targets import PixelTarget
+from targets.clip import CLIPTeacher, load_clip_visual
+from targets.pixel import PixelTarget
 
 CFG = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
            decoder_num_heads=2, ds_layers=(1, 2))

@@ -3,8 +3,8 @@ import torch
 
 import models_deepmim
 from models_deepmim import DeepMIMConfig, create_model, model_config
+from targets.pixel import PixelTarget
 from util.errors import UserError
-from util.targets import PixelTarget
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=16,
             decoder_depth=1, decoder_num_heads=2)
@@ -156,3 +156,17 @@ def test_config_round_trips_through_plain_dict():
     assert all(isinstance(v, (int, float, str, list)) for v in d.values())
     model = models_deepmim.model_from_config(d)
     assert model.cfg == cfg
+
+
+def test_the_model_module_imports_nothing_that_touches_signals_files_or_processes():
+    """``models_deepmim`` is the pure model: importing it must not pull in the run machinery."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, models_deepmim; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('util', 'targets', 'engine_pretrain', 'engine_finetune', 'models_vit')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out))
+    assert loaded <= {"util", "util.errors", "util.pos_embed", "util.registry", "targets", "targets.losses"}, loaded

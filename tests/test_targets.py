@@ -3,16 +3,10 @@ import math
 import pytest
 import torch
 
-from util.hog import HOGTarget
-from util.targets import (
-    PixelTarget,
-    compute_targets,
-    cosine_per_patch,
-    masked_mean,
-    mse_per_patch,
-    patchify,
-    unpatchify,
-)
+from targets.base import compute_targets
+from targets.hog import HOGTarget
+from targets.losses import cosine_per_patch, masked_mean, mse_per_patch
+from targets.pixel import PixelTarget, patchify, unpatchify
 
 
 def test_patchify_layout_and_roundtrip():

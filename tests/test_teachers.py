@@ -1,7 +1,6 @@
 """Feature teachers (timm by name + local weights, this repo's checkpoints, open_clip at any layer)
 and per-layer targets (--ds_targets) in real training runs."""
 import json
-import types
 
 import pytest
 import timm
@@ -9,18 +8,16 @@ import torch
 from test_pretrain import assert_layer_losses_went_down, pretrain
 
 import models_deepmim
-from util.clip_teacher import CLIP_MEAN, CLIP_STD, CLIPTeacher
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from targets.base import TargetConfig
+from targets.clip import CLIP_MEAN, CLIP_STD, CLIPTeacher
+from targets.registry import build_targets
+from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
-from util.targets import build_targets
 
 
 def flags(**kw):
     """The target flags of main_pretrain with their defaults, overridden by ``kw``."""
-    base = dict(target=None, ds_targets=None, ds_layers=None, norm_pix_loss=False, clip_path=None, clip_model=None,
-                clip_pretrained=None, teacher_model=None, teacher_weights=None, teacher_layer=None,
-                teacher_loss="cosine", teacher_input_size=None)
-    return types.SimpleNamespace(**{**base, **kw})
+    return TargetConfig.from_flags(kw)
 
 
 def renormalize(imgs, mean, std):
@@ -93,7 +90,7 @@ def test_teacher_of_another_grid_stops_with_the_fix_and_the_fix_works(timm_vit):
     with pytest.raises(UserError, match=r"2x2 token grid but the student has a 8x8 patch grid .*"
                                         r"--teacher_input_size 128.*16-px patches covers exactly one student patch"):
         build_targets(args, (8, 8), 32, 4, 4)
-    args.teacher_input_size = 128  # 32-px images resized to 128: 16-px teacher patches on the 8x8 grid
+    args = args.replace(teacher_input_size=128)  # 32-px images resized to 128: 16-px teacher patches on the 8x8 grid
     teacher = build_targets(args, (8, 8), 32, 4, 4)[0]["teacher"]
     out = teacher(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 64, 192) and teacher.loss == "smooth_l1"
@@ -112,7 +109,7 @@ def test_open_clip_teacher_at_an_intermediate_layer(tiny_clip):
         expected = visual.transformer.resblocks[0](visual._embeds(renormalize(imgs, CLIP_MEAN, CLIP_STD)))[:, 1:]
         assert torch.allclose(teacher(imgs), expected, atol=1e-5)
         # the last layer is the clip target itself: ln_post + proj
-        args.teacher_layer = None
+        args = args.replace(teacher_layer=None)
         last = build_targets(args, (8, 8), 32, 4, 4)[0]["teacher"]
         clip = build_targets(flags(clip_path=str(tiny_clip["state_dict"])), (8, 8), 32, 4, 4)[0]["clip"]
         assert last.dim == 32 and torch.equal(last(imgs), clip(imgs))
@@ -131,7 +128,7 @@ def test_open_clip_teacher_at_an_intermediate_layer(tiny_clip):
 ])
 def test_target_flag_errors(kw, message):
     with pytest.raises(UserError, match=message):
-        build_targets(flags(**kw), (8, 8), 32, 4, 4)
+        build_targets(flags(**kw), (8, 8), 32, 4, 4, kw.get("ds_layers"))
 
 
 def test_teacher_layer_outside_the_teacher(deepmim_ckpt):

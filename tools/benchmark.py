@@ -37,10 +37,10 @@ import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_deepmim  # noqa: E402
 import models_vit  # noqa: E402
+from targets.base import compute_targets  # noqa: E402
 from util.dist import resolve_device  # noqa: E402
 from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything  # noqa: E402
 from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
-from util.targets import compute_targets  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2,
@@ -81,7 +81,6 @@ class Bench:
         parser = (main_pretrain if mode == "pretrain" else main_finetune).get_args_parser()
         args = parser.parse_args(argv)
         self.device = resolve_device(args.device)
-        args.device = str(self.device)
         self.amp = resolve_amp(args.amp, self.device)
         self.batch = args.batch_size
         seed_everything(0)
@@ -89,7 +88,9 @@ class Bench:
         if mode == "pretrain":
             if bench_args.random_clip and not args.clip_path:
                 args.clip_path = random_clip_file(models_deepmim.model_config(args.model, img_size=args.input_size))
-            cfg, self.targets, self.layer_targets = main_pretrain.build_model_and_targets(args, self.device, self.amp)
+            pcfg = main_pretrain.PretrainConfig.from_args(args)
+            cfg, self.targets, self.layer_targets = main_pretrain.build_model_and_targets(
+                pcfg.model, pcfg.targets, self.device, self.amp, pcfg.train.compile)
             self.model = models_deepmim.DeepMIM(cfg).to(self.device)
             groups, betas, size = weight_decay_groups(self.model, 0.05), (0.9, 0.95), cfg.img_size
             self.mask_ratio = args.mask_ratio
@@ -109,7 +110,7 @@ class Bench:
         pin = self.device.type == "cuda"
         self.host_batch = torch.randn(self.batch, 3, size, size).pin_memory() if pin else torch.randn(
             self.batch, 3, size, size)
-        self.loader = iter(real_loader(args, size, mode)) if bench_args.real_data else None
+        self.loader = real_loader(args, size, mode) if bench_args.real_data else None
         self.timer = Timer(self.device)
         self.times: List[Dict[str, float]] = []
         self.flops_per_image: Optional[float] = None
@@ -185,7 +186,7 @@ class Bench:
 
 def random_clip_file(cfg) -> str:
     """A random CLIP ViT-B/16-shaped image tower for the student's grid, saved as OpenAI-style keys."""
-    from util.clip_teacher import make_visual
+    from targets.clip import make_visual
 
     visual = make_visual(image_size=cfg.img_size, patch_size=cfg.patch_size, width=768, layers=12,
                          mlp_ratio=4.0, output_dim=512)
@@ -196,18 +197,20 @@ def random_clip_file(cfg) -> str:
 
 def real_loader(args: argparse.Namespace, size: int, mode: str):
     """The training loader the scripts use (``--data_path``), cycled forever."""
-    from util.datasets import finetune_transform, image_folder, pretrain_transform, resolve_data_path, train_loader
+    from util.datasets import (
+        AugConfig,
+        FolderData,
+        finetune_transform,
+        image_folder,
+        pretrain_transform,
+        resolve_data_path,
+        train_loader,
+    )
 
-    if mode == "finetune":
-        args.input_size = size
-    tf = pretrain_transform(size) if mode == "pretrain" else finetune_transform(args)
+    tf = pretrain_transform(size) if mode == "pretrain" else finetune_transform(size, AugConfig.from_flags(args))
     ds = image_folder(resolve_data_path(args.data_path) / "train", tf, "training")
-    loader = train_loader(ds, args.batch_size, 0, 1, 0, args.num_workers, args.pin_mem)
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    return FolderData(ds, train_loader(ds, args.batch_size, 0, 1, 0, args.num_workers, args.pin_mem),
+                      args.batch_size).batches(0)
 
 
 def peak_for(device: torch.device, override: Optional[float]) -> Optional[float]:

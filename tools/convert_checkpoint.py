@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models_deepmim import DeepMIMConfig, default_ds_layers  # noqa: E402
 from util import convert  # noqa: E402
-from util.checkpoint import load_file, save_atomic  # noqa: E402
+from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 from util.cli import str2list  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
+from util.registry import vit_heads  # noqa: E402
 
 TIMM_NAMES = {(192, 12, 16): "vit_tiny_patch16", (384, 12, 16): "vit_small_patch16", (768, 12, 16): "vit_base_patch16",
               (1024, 24, 16): "vit_large_patch16", (1280, 32, 14): "vit_huge_patch14"}
@@ -53,13 +54,13 @@ def timm_hint(sd: Dict[str, Any]) -> str:
     extra = f"num_classes={classes}, global_pool='{pool}'" + ("" if pool == "token" else ", fc_norm=True")
     if name:
         return f"timm.create_model('{name}_{enc['img_size']}', {extra})"
-    heads = convert.STANDARD_HEADS.get(enc["embed_dim"], enc["embed_dim"] // 64)
+    heads = vit_heads(enc["embed_dim"])
     return (f"timm.models.VisionTransformer(img_size={enc['img_size']}, patch_size={enc['patch_size']}, "
             f"embed_dim={enc['embed_dim']}, depth={enc['depth']}, num_heads={heads}, {extra})")
 
 
 def main(args: argparse.Namespace) -> None:
-    raw = load_file(args.src)
+    raw = read_checkpoint(args.src)
     sd = convert.read_state_dict(args.src)
     meta = {k: raw[k] for k in ("epoch", "args") if isinstance(raw, dict) and k in raw}
     if args.to == "ours":

@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import models_deepmim  # noqa: E402
-from util.checkpoint import load_file  # noqa: E402
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, classification_datasets, eval_transform  # noqa: E402
+from targets.losses import LOSSES  # noqa: E402
+from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify  # noqa: E402
+from util.checkpoint import read_checkpoint  # noqa: E402
+from util.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
-from util.targets import LOSSES, PixelTarget, patch_mean_std, patchify, unpatchify  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_pretrained(path: str) -> Tuple[models_deepmim.DeepMIM, Dict[str, Any]]:
     """The DeepMIM model of a pre-training checkpoint (eval mode) and the checkpoint's ``args``."""
-    ckpt = load_file(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model_cfg" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a pre-training checkpoint of this repo (no 'model_cfg'). Convert a "
                         f"reference DeepMIM / MAE release with tools/convert_checkpoint.py --to ours first.")
@@ -169,7 +171,7 @@ def main(args: argparse.Namespace) -> Path:
     imgs = pick_images(args.data_path, cfg.img_size, args.num_images)
     targets = None
     if not all(name == "mse" for name in cfg.losses):
-        from util.clip_teacher import CLIPTeacher, load_clip_visual
+        from targets.clip import CLIPTeacher, load_clip_visual
 
         clip_path = args.clip_path or ckpt_args.get("clip_path")
         clip_model = ckpt_args.get("clip_model")  # the architecture, when the run named an open_clip model

@@ -11,8 +11,12 @@ def str2list(kind):
     return parse
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """Output, device, seed, resume, data loading, distributed and precision flags."""
+def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> None:
+    """Output, device, seed, resume, data loading, distributed and precision flags.
+
+    ``by_epoch``: also MAE's epoch flags ``--start_epoch`` and ``--save_every`` (in epochs);
+    iteration-based scripts define their own ``--save_every`` in iterations.
+    """
     g = parser.add_argument_group("run")
     g.add_argument("--data_path", default="digits", type=str,
                    help="ImageFolder root with train/ (and val/) inside, or 'digits' for the built-in dataset")
@@ -23,7 +27,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default="", help="checkpoint to resume from (default: newest in --output_dir)")
     g.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
                    help="do not resume from the newest checkpoint found in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch when not resuming")
+    if by_epoch:
+        g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch when not resuming")
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -31,7 +36,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="mixed precision (auto: bf16 on GPUs that support it, else fp16; none on CPU)")
     g.add_argument("--log_every", default=20, type=int, help="iterations between log lines / TensorBoard points")
-    g.add_argument("--save_every", default=20, type=int, help="epochs between numbered checkpoints")
+    if by_epoch:
+        g.add_argument("--save_every", default=20, type=int, help="epochs between numbered checkpoints")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (and the teacher, separately)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute blocks in the backward pass: less activation memory, about 1/3 more compute")

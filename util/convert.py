@@ -14,21 +14,18 @@ Layouts this module knows:
   ``blocks``, ``norm`` / ``fc_norm``, ``head``); ``backbone.`` / ``module.`` / ``encoder.`` prefixes
   are removed.
 """
-import hashlib
 import logging
-import os
 import re
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from util.checkpoint import load_file
+from util.checkpoint import read_checkpoint
 from util.errors import UserError
 from util.pos_embed import resize_pos_embed
-from util.registry import VIT_ARCHS
+from util.registry import vit_heads
 
 _log = logging.getLogger(__name__)
 
@@ -45,31 +42,6 @@ _OURS_TO_REF = {v: k for k, v in _REF_TO_OURS.items()}
 
 # --------------------------------------------------------------------------------------------
 # reading
-
-
-def fetch_url(url: str, sha256: Optional[str] = None) -> str:
-    """Download ``url`` once into the torch hub cache (progress bar); verify ``sha256`` if given."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / (os.path.basename(urlparse(url).path) or "checkpoint.pth")
-    if not dest.exists():
-        _log.info("downloading %s to %s", url, dest)
-        try:
-            torch.hub.download_url_to_file(url, str(dest), progress=True)
-        except Exception as e:  # network errors come in many types
-            raise UserError(f"Could not download {url} ({e}). Offline? Download it elsewhere and pass the file.") from None
-    if sha256:
-        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-        if not digest.startswith(sha256.lower()):
-            raise UserError(f"{dest} has sha256 {digest}, expected {sha256}. Delete it to download again.")
-    return str(dest)
-
-
-def read_checkpoint(source: str, sha256: Optional[str] = None) -> Any:
-    """The object stored in a checkpoint file, ``.safetensors`` or http(s) URL (weights-only load)."""
-    if source.startswith(("http://", "https://")):
-        source = fetch_url(source, sha256)
-    return load_file(source)
 
 
 def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -173,6 +145,37 @@ def infer_encoder_config(sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     return dict(embed_dim=width, depth=depth, patch_size=patch, img_size=grid * patch)
 
 
+@dataclass
+class EncoderFile:
+    """A checkpoint read for its encoder: the tensors, what else the file holds, the shapes."""
+
+    source: str
+    state: Dict[str, torch.Tensor]  # unwrapped tensors, any of the layouts above
+    meta: Dict[str, Any] = field(default_factory=dict)  # the file's other entries (args, model_cfg, epoch, ...)
+    layout: str = "encoder"
+    arch: Dict[str, int] = field(default_factory=dict)  # embed_dim, depth, patch_size, img_size (from the weights)
+
+    @property
+    def saved_args(self) -> Dict[str, Any]:
+        args = self.meta.get("args")
+        return dict(args) if isinstance(args, dict) else {}
+
+    @property
+    def model_cfg(self) -> Dict[str, Any]:
+        cfg = self.meta.get("model_cfg")
+        return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+def read_encoder(source: str, sha256: Optional[str] = None) -> EncoderFile:
+    """Read any checkpoint that holds a ViT encoder (every layout above); refuse anything else."""
+    obj = read_checkpoint(source, sha256)
+    sd = state_dict_of(obj, source)
+    kind = require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
+    meta = {k: v for k, v in obj.items() if not isinstance(v, dict) or k in ("args", "model_cfg")} \
+        if isinstance(obj, dict) else {}
+    return EncoderFile(source, sd, meta, kind, infer_encoder_config(sd))
+
+
 # --------------------------------------------------------------------------------------------
 # loading an encoder into a ViT for fine-tuning / probing / segmentation
 
@@ -233,9 +236,6 @@ def load_encoder_state(model: nn.Module, sd: Dict[str, torch.Tensor], source: st
 # --------------------------------------------------------------------------------------------
 # rebuilding a pre-training config from weights alone (for converted reference / MAE releases)
 
-STANDARD_HEADS = {a["embed_dim"]: a["num_heads"] for a in VIT_ARCHS.values()}  # heads by width
-
-
 def infer_pretrain_config(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None,
                           decoder_num_heads: Optional[int] = None) -> Dict[str, Any]:
     """A ``DeepMIMConfig`` dict for a state dict in our layout (heads cannot be read off weights:
@@ -248,7 +248,7 @@ def infer_pretrain_config(sd: Dict[str, torch.Tensor], num_heads: Optional[int] 
     pred_dims = [sd[f"decoders.{layer}.pred.weight"].shape[0] for layer in layers]
     pixel_dim = enc["patch_size"] ** 2 * 3
     return dict(
-        **enc, num_heads=num_heads or STANDARD_HEADS.get(enc["embed_dim"], max(1, enc["embed_dim"] // 64)),
+        **enc, num_heads=num_heads or vit_heads(enc["embed_dim"]),
         decoder_embed_dim=dec_dim, decoder_depth=dec_depth, decoder_num_heads=decoder_num_heads or 16,
         ds_layers=layers, pred_dims=pred_dims, losses=["mse" if d == pixel_dim else "cosine" for d in pred_dims],
     )

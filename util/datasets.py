@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
@@ -21,14 +22,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
+from util.config import FlagConfig
+from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
 from util.misc import derive_seed, seed_everything
 from util.preempt import worker_init
 
 _log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BUILTIN = "digits"
 DIGITS_SIZE = 32
@@ -212,6 +213,26 @@ def train_loader(
     )
 
 
+class FolderData:
+    """The training data of the epoch-based scripts, read by global step (``util.trainer.TrainData``).
+
+    Epoch ``e`` is one pass of :func:`train_loader`'s seeded, distributed sampler; a run resumed at
+    step ``s`` skips the first ``s % steps_per_epoch`` batches of its epoch without loading them.
+    """
+
+    def __init__(self, dataset: Dataset, loader: DataLoader, batch_size: int) -> None:
+        self.dataset, self.loader, self.batch_size = dataset, loader, batch_size
+        self.num_samples = len(dataset)
+        self.steps_per_epoch = len(loader.sampler) // batch_size  # drop_last; the sampler has no skip yet
+
+    def batches(self, start_step: int) -> Iterator:
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.loader.sampler.set_epoch(epoch, skip=skip * self.batch_size)
+            yield from self.loader
+            epoch, skip = epoch + 1, 0
+
+
 class ShardSampler(Sampler):
     """Evaluation sampler: rank r takes indices r, r + W, r + 2W, ... with no padding.
 
@@ -282,14 +303,35 @@ def _fix_posterize(transform):
     return transform
 
 
-def finetune_transform(args):
+@dataclass(frozen=True)
+class AugConfig(FlagConfig):
+    """The augmentation flags of fine-tuning (timm's) and linear probing (crop and flip only)."""
+
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    color_jitter: Optional[float] = None
+    aa: str = "rand-m9-mstd0.5-inc1"
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    resplit: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[Tuple[float, ...]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+
+
+def finetune_transform(input_size: int, aug: AugConfig):
     """timm's training transform: RandomResizedCrop, flip, RandAugment (``--aa``), random erasing."""
     from timm.data import create_transform
 
     return _fix_posterize(create_transform(
-        args.input_size, is_training=True, scale=tuple(args.crop_scale), hflip=args.hflip, color_jitter=args.color_jitter,
-        auto_augment=None if args.aa in ("", "none") else args.aa,
-        interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        input_size, is_training=True, scale=tuple(aug.crop_scale), hflip=aug.hflip, color_jitter=aug.color_jitter,
+        auto_augment=None if aug.aa in ("", "none") else aug.aa,
+        interpolation="bicubic", re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
     ))
 

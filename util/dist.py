@@ -41,6 +41,7 @@ class DistInfo:
     launcher: str = "single"
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
+    device: torch.device = torch.device("cpu")
 
     @property
     def distributed(self) -> bool:
@@ -135,29 +136,31 @@ def detect(
     return DistInfo(0, 1, max(local, 0), "single")
 
 
-def init_distributed(args) -> DistInfo:
+def init_distributed(device: Optional[str] = None, local_rank: int = -1, dist_on_itp: bool = False,
+                     dist_url: str = "env://", dist_port: Optional[int] = None) -> DistInfo:
     """Detect the launcher, pick the device, and join the process group when there are several.
 
-    Reads ``args.local_rank``, ``args.dist_on_itp``, ``args.dist_url``, ``args.dist_port`` and
-    ``args.device``; sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and
-    ``args.device`` (``cuda:<local rank>`` on GPUs). Returns the :class:`DistInfo`.
+    Args:
+        device: ``--device`` (``cuda``, ``cpu``, or empty: CUDA when available); on GPUs the local
+            rank's device.
+        local_rank: ``--local_rank`` of ``torch.distributed.launch`` (-1: not given).
+        dist_on_itp / dist_url / dist_port: the OpenMPI switch, rendezvous URL and SLURM master port.
+
+    Returns:
+        The :class:`DistInfo`, with ``device`` set.
     """
     global _CONTROL
-    info = detect(os.environ, getattr(args, "local_rank", -1), getattr(args, "dist_on_itp", False),
-                  getattr(args, "dist_port", None))
-    device = resolve_device(args.device, info.local_rank)
-    args.device = str(device)
-    args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
-    args.distributed = info.distributed
+    info = detect(os.environ, local_rank, dist_on_itp, dist_port)
+    info.device = resolve_device(device, info.local_rank)
     if info.distributed and not dist.is_initialized():
         # torchrun already exported these; for SLURM / OpenMPI the detected values win over stale
         # variables (--dist_port over an inherited MASTER_PORT)
         os.environ["MASTER_ADDR"] = info.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(info.master_port or DEFAULT_PORT)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        init_method = getattr(args, "dist_url", "env://") or "env://"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, world_size=info.world_size, rank=info.rank, **kwargs)
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        kwargs = {"device_id": info.device} if info.device.type == "cuda" else {}
+        dist.init_process_group(backend, init_method=dist_url or "env://", world_size=info.world_size, rank=info.rank,
+                                **kwargs)
         # small control messages (the stop flag, the resume decision) travel on a CPU group, so they
         # never wait for, or synchronise with, the GPU stream
         _CONTROL = dist.new_group(backend="gloo") if backend != "gloo" else None

@@ -1,6 +1,7 @@
 """Per-iteration learning-rate schedules: linear warm-up then half-cycle cosine to ``min_lr`` (MAE, in
 fractional epochs), and mmseg's poly schedule with linear warm-up (segmentation, in iterations)."""
 import math
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
-    """Set every param group's lr (times its ``lr_scale`` for layer decay); return the base lr."""
-    return set_lr(optimizer, lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs))
+def cosine_schedule(lr: float, min_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int
+                    ) -> Callable[[int], float]:
+    """MAE's per-iteration schedule by global step: :func:`lr_at` of ``epoch + iteration / iterations``."""
+
+    def at(step: int) -> float:
+        epoch, it = divmod(step, steps_per_epoch)
+        return lr_at(epoch + it / steps_per_epoch, lr, min_lr, warmup_epochs, epochs)
+
+    return at
+
+
+def poly_schedule(lr: float, iters: int, warmup_iters: int = 0, warmup_ratio: float = 1e-6, power: float = 1.0,
+                  min_lr: float = 0.0) -> Callable[[int], float]:
+    """mmseg's schedule by global step (iterations done): :func:`poly_lr_at`."""
+    return lambda step: poly_lr_at(step, lr, iters, warmup_iters, warmup_ratio, power, min_lr)

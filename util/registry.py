@@ -15,6 +15,13 @@ VIT_ARCHS: Dict[str, Dict[str, int]] = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
+_HEADS_BY_WIDTH = {a["embed_dim"]: a["num_heads"] for a in VIT_ARCHS.values()}
+
+
+def vit_heads(width: int) -> int:
+    """Attention heads for a ViT of this width, which weights cannot tell: the standard size's count
+    (ViT-Ti 3 ... ViT-H 16), else one head per 64 channels (at least one)."""
+    return _HEADS_BY_WIDTH.get(width, max(1, width // 64))
 
 
 class Registry:

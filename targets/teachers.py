@@ -30,9 +30,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from models_vit import build_from
+from targets.base import FrozenTeacher, Student, TargetConfig, check_layer, preprocess_stats
+from targets.clip import CLIPTeacher, load_clip_visual
+from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from util.convert import HEAD_PREFIXES, read_encoder
 from util.errors import UserError
-from util.targets import FrozenTeacher, Student, check_layer, preprocess_stats
 
 CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -131,48 +134,25 @@ def timm_teacher(name: str, weights: Optional[str], layer: Optional[int], loss: 
 
 def checkpoint_teacher(path: str, layer: Optional[int], loss: str, size: int, input_size: Optional[int]) -> ViTTeacher:
     """The encoder of a checkpoint this repo reads, rebuilt as a ViT for ``size`` px."""
-    from models_vit import build_vit
-    from util.checkpoint import load_file
-    from util.convert import (
-        HEAD_PREFIXES,
-        STANDARD_HEADS,
-        fetch_url,
-        infer_encoder_config,
-        load_encoder_state,
-        require_layout,
-        state_dict_of,
-    )
-
-    obj = load_file(fetch_url(path) if path.startswith(("http://", "https://")) else path)
-    sd = state_dict_of(obj, path)
-    require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(path))
-    enc = infer_encoder_config(sd)
-    saved = obj.get("model_cfg") if isinstance(obj, dict) and isinstance(obj.get("model_cfg"), dict) else {}
-    width, depth = enc["embed_dim"], enc["depth"]
+    ckpt = read_encoder(path)
     name = f"checkpoint {path}"
+    depth = ckpt.arch["depth"]
     layer = check_layer(layer, depth, name)
-    vit = build_vit(
-        embed_dim=width, depth=depth, patch_size=enc["patch_size"], img_size=size,
-        num_heads=saved.get("num_heads") or STANDARD_HEADS.get(width, max(1, width // 64)),
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width, num_classes=0, global_pool="token",
-    )
     # the final norm is only needed when the last block is the target (fine-tuned files may lack it)
-    load_encoder_state(vit, sd, path, HEAD_PREFIXES + (("norm.",) if layer < depth else ()))
+    missing_ok = HEAD_PREFIXES + (("norm.",) if layer < depth else ())
+    vit = build_from(ckpt, img_size=size, allowed_missing=missing_ok, global_pool="token")
     return ViTTeacher(vit, layer, IMAGENET_MEAN, IMAGENET_STD, loss, input_size, name, resizable=True)
 
 
-def open_clip_teacher(args, name: Optional[str], layer: Optional[int], loss: str,
+def open_clip_teacher(cfg: TargetConfig, name: Optional[str], layer: Optional[int], loss: str,
                       input_size: Optional[int]) -> FrozenTeacher:
     """The CLIP image tower of the ``--clip_*`` flags (``name`` overrides ``--clip_model``) at ``layer``."""
     from open_clip.timm_model import TimmModel
 
-    from util.clip_teacher import CLIP_MEAN, CLIP_STD, CLIPTeacher, load_clip_visual
-
-    visual = load_clip_visual(getattr(args, "clip_path", None), name or getattr(args, "clip_model", None),
-                              getattr(args, "clip_pretrained", None))
+    visual = load_clip_visual(cfg.clip_path, name or cfg.clip_model, cfg.clip_pretrained)
     if isinstance(visual, TimmModel):  # e.g. EVA-CLIP: a timm trunk (its head pools, so it is not used)
         mean, std = preprocess_stats(visual, CLIP_MEAN, CLIP_STD)
-        return ViTTeacher(visual.trunk, layer, mean, std, loss, input_size, f"open_clip tower {name or args.clip_model}")
+        return ViTTeacher(visual.trunk, layer, mean, std, loss, input_size, f"open_clip tower {name or cfg.clip_model}")
     return CLIPTeacher(visual, layer, loss, input_size)
 
 
@@ -181,24 +161,22 @@ def _is_checkpoint(spec: str) -> bool:
             or os.path.sep in spec or os.path.isfile(spec))
 
 
-def build_teacher(args, student: Student) -> FrozenTeacher:
+def build_teacher(cfg: TargetConfig, student: Student) -> FrozenTeacher:
     """The ``teacher`` target from ``--teacher_model / --teacher_weights / --teacher_layer /
     --teacher_loss / --teacher_input_size``, built for the student's image size."""
-    spec = getattr(args, "teacher_model", None)
+    spec = cfg.teacher_model
     if not spec:
         raise UserError(
             "The teacher target needs --teacher_model: a timm model name (with --teacher_weights FILE), "
             "deepmim:PATH (a checkpoint of this repo, MAE or the reference DeepMIM), or open_clip (the CLIP of "
             "--clip_path / --clip_model)."
         )
-    weights = getattr(args, "teacher_weights", None)
-    layer = getattr(args, "teacher_layer", None)
-    loss = getattr(args, "teacher_loss", None) or "cosine"
-    input_size = getattr(args, "teacher_input_size", None)
+    weights, layer, input_size = cfg.teacher_weights, cfg.teacher_layer, cfg.teacher_input_size
+    loss = cfg.teacher_loss or "cosine"
     if spec == "open_clip" or spec.startswith("open_clip:"):
         if weights:
             raise UserError("--teacher_weights is for timm teachers; an open_clip teacher reads --clip_path / --clip_pretrained.")
-        return open_clip_teacher(args, spec.partition(":")[2] or None, layer, loss, input_size)
+        return open_clip_teacher(cfg, spec.partition(":")[2] or None, layer, loss, input_size)
     if _is_checkpoint(spec):
         if weights:
             raise UserError("--teacher_weights is for timm teachers; a checkpoint teacher's weights are the file itself.")

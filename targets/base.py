@@ -1,98 +1,58 @@
-"""Reconstruction targets: images -> target tokens on the student's patch grid, plus their loss.
+"""The target interface: a frozen map from images to target tokens on the student's patch grid.
 
 A target is an ``nn.Module`` that maps a batch of ImageNet-normalized images [N, 3, H, W] to
 target tokens [N, L, C] (L = number of patches of the student) and names the loss the decoders
-are trained with. Targets are frozen and run without autograd (see ``compute_targets``).
+are trained with (``targets/losses.py``). Targets are frozen and run without autograd (see
+:func:`compute_targets`). Network teachers (CLIP, timm models, checkpoints) share
+:class:`FrozenTeacher` (freezing, input re-normalization, resizing).
 
-The names ``--target`` / ``--ds_targets`` accept (:data:`TARGETS`): ``pixel`` (:class:`PixelTarget`),
-``hog`` (``util/hog.py``), ``clip`` (``util/clip_teacher.py``) and ``teacher`` (any frozen network,
-``util/teachers.py``). Network teachers share :class:`FrozenTeacher` (freezing, input
-re-normalization, resizing). Each distinct target is built once and runs once per step, however
-many supervised layers read it.
-
-Losses are computed per patch ([N, L]) and averaged over the masked patches only.
+The package: ``base`` (this interface), ``losses``, ``pixel`` (MAE), ``hog`` (MaskFeat), ``clip``
+(the reference's CLIP target), ``teachers`` (any frozen ViT) and ``registry`` (the names
+``--target`` / ``--ds_targets`` accept, built from a :class:`TargetConfig`).
 """
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from util.config import FlagConfig
+from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
-from util.registry import Registry
 
 _log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------------------------
-# patch <-> image layout (MAE's: per patch, pixels row-major, channels last)
+
+@dataclass(frozen=True)
+class TargetConfig(FlagConfig):
+    """The reconstruction-target flags of ``main_pretrain.py`` (README: Reconstruction targets)."""
+
+    target: Optional[str] = None
+    ds_targets: Optional[Tuple[str, ...]] = None
+    norm_pix_loss: bool = False
+    clip_path: Optional[str] = None
+    clip_model: Optional[str] = None
+    clip_pretrained: Optional[str] = None
+    teacher_model: Optional[str] = None
+    teacher_weights: Optional[str] = None
+    teacher_layer: Optional[int] = None
+    teacher_loss: str = "cosine"
+    teacher_input_size: Optional[int] = None
+
+    @property
+    def uses_clip_flags(self) -> bool:
+        return bool(self.clip_path or self.clip_model)
 
 
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, L, p*p*C] with L = (H/p)*(W/p), row-major patches."""
-    n, c, h, w = imgs.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
+@dataclass(frozen=True)
+class Student:
+    """What a target must fit: the student's patch grid, image side and patch size."""
 
-
-def unpatchify(x: torch.Tensor, patch_size: int, grid: Tuple[int, int], channels: int = 3) -> torch.Tensor:
-    """Inverse of :func:`patchify`: [N, L, p*p*C] -> [N, C, H, W]."""
-    n = x.shape[0]
-    p = patch_size
-    gh, gw = grid
-    x = x.reshape(n, gh, gw, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, channels, gh * p, gw * p)
-
-
-# --------------------------------------------------------------------------------------------
-# per-patch losses: (pred [N, L, C], target [N, L, C]) -> [N, L]
-
-
-def mse_per_patch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MAE's loss: mean squared error over the channels of each patch."""
-    return (pred - target).pow(2).mean(dim=-1)
-
-
-def cosine_per_patch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``2 - 2 cos(pred, target)``: the squared distance of the L2-normalized vectors."""
-    return 2.0 - 2.0 * (F.normalize(pred, dim=-1) * F.normalize(target, dim=-1)).sum(dim=-1)
-
-
-def smooth_l1_per_patch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 (beta 1) averaged over the channels of each patch (used by feature teachers)."""
-    return F.smooth_l1_loss(pred, target, reduction="none").mean(dim=-1)
-
-
-LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "mse": mse_per_patch,
-    "cosine": cosine_per_patch,
-    "smooth_l1": smooth_l1_per_patch,
-}
-
-
-NORM_PIX_EPS = 1.0e-6  # MAE's variance offset for --norm_pix_loss
-
-
-def patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and ``sqrt(var + 1e-6)`` (unbiased variance) of [N, L, D] patches: what
-    ``--norm_pix_loss`` normalizes by, and what a reconstruction is de-normalized with."""
-    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
-
-
-def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average a [N, L] loss over the patches where ``mask`` is 1 (removed patches)."""
-    return (per_patch * mask).sum() / mask.sum()
-
-
-# --------------------------------------------------------------------------------------------
-# the interface
+    grid: Tuple[int, int]
+    img_size: int
+    patch_size: int
 
 
 class Target(nn.Module):
@@ -114,37 +74,6 @@ class Target(nn.Module):
     def grid_hint(self, student_grid: Sequence[int]) -> str:
         """What to do when the grid differs from the student's (subclasses that can adapt say how)."""
         return "Pick a teacher whose input size / patch size gives the same grid, or change --input_size / --model."
-
-
-class PixelTarget(Target):
-    """MAE's pixel target: 16x16x3 patches of the (ImageNet-normalized) input.
-
-    Args:
-        img_size: input side in pixels.
-        patch_size: the student's patch size.
-        norm_pix: normalize each target patch by its own mean and ``sqrt(var + 1e-6)``
-            (``--norm_pix_loss``); the variance is the unbiased one, as in MAE.
-        in_chans: image channels.
-    """
-
-    def __init__(self, img_size: int, patch_size: int, norm_pix: bool = False, in_chans: int = 3) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.norm_pix = norm_pix
-        self.dim = patch_size * patch_size * in_chans
-        self.loss = "mse"
-        self.grid = (img_size // patch_size, img_size // patch_size)
-
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        target = patchify(imgs.float(), self.patch_size)  # [N, L, p*p*3]
-        if self.norm_pix:
-            mean, std = patch_mean_std(target)
-            target = (target - mean) / std
-        return target
-
-    def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, norm_pix={self.norm_pix}"
-
 
 FEATURE_LOSSES = ("cosine", "smooth_l1")
 
@@ -297,104 +226,3 @@ def describe_targets(targets: Dict[str, Target], per_layer: Optional[Sequence[st
         s += f" (per supervised layer: {', '.join(per_layer)})"
     return s
 
-
-# --------------------------------------------------------------------------------------------
-# the registry of targets: the names --target / --ds_targets accept
-
-
-@dataclass(frozen=True)
-class Student:
-    """What a target must fit: the student's patch grid, image side and patch size."""
-
-    grid: Tuple[int, int]
-    img_size: int
-    patch_size: int
-
-
-TARGETS = Registry("reconstruction target")
-
-
-def _pixel(args, student: Student) -> Target:
-    return PixelTarget(student.img_size, student.patch_size, norm_pix=getattr(args, "norm_pix_loss", False))
-
-
-def _hog(args, student: Student) -> Target:
-    from util.hog import HOGTarget
-
-    return HOGTarget(student.img_size, student.patch_size)
-
-
-def _clip(args, student: Student) -> Target:
-    from util.clip_teacher import CLIPTeacher, load_clip_visual
-
-    return CLIPTeacher(load_clip_visual(args.clip_path, args.clip_model, args.clip_pretrained))
-
-
-def _teacher(args, student: Student) -> Target:
-    from util.teachers import build_teacher
-
-    return build_teacher(args, student)
-
-
-TARGETS.register(_pixel, "pixel")
-TARGETS.register(_hog, "hog")
-TARGETS.register(_clip, "clip")
-TARGETS.register(_teacher, "teacher")
-
-
-def _uses_clip_flags(args) -> bool:
-    return bool(getattr(args, "clip_path", None) or getattr(args, "clip_model", None))
-
-
-def layer_target_names(args, num_layers: int) -> List[str]:
-    """One target name per supervised layer from ``--target`` / ``--ds_targets``.
-
-    Default: ``clip`` when ``--clip_path`` / ``--clip_model`` is given (the reference command line),
-    else ``pixel``.
-    """
-    target = getattr(args, "target", None)
-    per_layer = getattr(args, "ds_targets", None)
-    if per_layer:
-        if target and any(n != target for n in per_layer):
-            raise UserError(
-                f"--target {target} and --ds_targets {','.join(per_layer)} disagree: give --target (one target for "
-                f"every supervised layer) or --ds_targets (one per layer)."
-            )
-        if len(per_layer) != num_layers:
-            layers = getattr(args, "ds_layers", None)
-            raise UserError(
-                f"--ds_targets names {len(per_layer)} target(s) but there are {num_layers} supervised layers"
-                f"{' (--ds_layers ' + ','.join(map(str, layers)) + ')' if layers else ''}; give one per layer, "
-                f"e.g. --ds_targets {','.join(['pixel'] * (num_layers - 1) + ['clip'])}."
-            )
-        names = list(per_layer)
-    else:
-        names = [target or ("clip" if _uses_clip_flags(args) else "pixel")] * num_layers
-    for name in names:
-        TARGETS.get(name)  # an unknown name lists the valid ones
-    return names
-
-
-def build_targets(args, grid: Tuple[int, int], img_size: int, patch_size: int, num_layers: int):
-    """Targets named by the flags, each built once, and which one each supervised layer reconstructs.
-
-    Returns:
-        (targets, layer_targets): name -> :class:`Target` (each distinct target once, so each runs
-        once per step), and one target name per supervised layer.
-    """
-    names = layer_target_names(args, num_layers)
-    student = Student(tuple(grid), img_size, patch_size)
-    targets: Dict[str, Target] = {}
-    for name in dict.fromkeys(names):  # distinct, in layer order
-        targets[name] = TARGETS.get(name)(args, student)
-        check_grid(targets[name], name, grid, f"{img_size}px / patch {patch_size}")
-
-    # flags that have no effect with these targets: say so rather than ignore them silently
-    if getattr(args, "norm_pix_loss", False) and "pixel" not in targets:
-        _log.info("--norm_pix_loss has no effect: no layer reconstructs pixels")
-    open_clip_teacher = "teacher" in targets and str(getattr(args, "teacher_model", "")).startswith("open_clip")
-    if _uses_clip_flags(args) and "clip" not in targets and not open_clip_teacher:
-        _log.info("--clip_path / --clip_model have no effect: no layer uses the clip target")
-    if "teacher" not in targets and any(getattr(args, f, None) for f in ("teacher_model", "teacher_weights", "teacher_layer")):
-        _log.info("--teacher_* flags have no effect: no layer uses the teacher target")
-    return targets, names

@@ -24,8 +24,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from targets.base import Target
 from util.errors import UserError
-from util.targets import Target
 
 
 def default_cell(patch_size: int, max_cell: int = 8) -> int:

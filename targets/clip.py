@@ -17,31 +17,20 @@ the weights (``--clip_pretrained openai`` downloads when online).
 """
 import logging
 import os
-import warnings
-import zipfile
 from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+from targets.base import FrozenTeacher, check_layer, preprocess_stats
+from util.checkpoint import read_checkpoint
+from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
-from util.targets import FrozenTeacher, check_layer, preprocess_stats
+from util.registry import vit_heads
 
 _log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 _REQUIRED = ("conv1.weight", "class_embedding", "positional_embedding", "ln_post.weight", "proj")
-
-
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -52,23 +41,8 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             f"(ViT-B-16.pt), a state dict with visual.* keys or an open_clip checkpoint; or use "
             f"--clip_model ViT-B-16 --clip_pretrained openai when online."
         )
-    try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships CLIP in it
-                warnings.simplefilter("ignore", FutureWarning)
-                sd = torch.jit.load(path, map_location="cpu").state_dict()
-        elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files fail in many ways (pickle, zip, index errors)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"{path!r} could not be read as a CLIP checkpoint ({first}). Expected OpenAI's TorchScript "
-            f"file, a state dict of tensors or an open_clip checkpoint."
-        ) from None
+    sd = read_checkpoint(path, what="CLIP checkpoint", hint="expected OpenAI's TorchScript file, a state dict of "
+                                                              "tensors or an open_clip checkpoint.")
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -99,7 +73,7 @@ def make_visual(image_size: int, patch_size: int, width: int, layers: int, mlp_r
     from open_clip.transformer import VisionTransformer
 
     return VisionTransformer(
-        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=max(1, width // 64),
+        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=vit_heads(width),
         mlp_ratio=mlp_ratio, output_dim=output_dim, act_layer=QuickGELU if quick_gelu else nn.GELU,
     )
 

@@ -1,0 +1,646 @@
+"""The one training loop. Pre-training, fine-tuning, linear probing and segmentation are each a
+:class:`Job` (a loss function plus hooks) that :class:`Trainer` runs; none has a loop of its own.
+
+The trainer counts global steps (one step = one batch on every process; ``step // steps_per_epoch``
+is the epoch, kept for MAE's flags, ``log.txt`` and the checkpoint's ``epoch`` field). Per step:
+
+1. the learning rate of the step (``job.lr(step)``, at each accumulation boundary), and the seed of
+   the step: masks, mixup, drop path, every random draw is a function of (seed, step, rank), so a
+   resumed run continues with exactly the numbers an uninterrupted run would have drawn;
+2. forward, backward (gradient accumulation without DDP's all-reduce on accumulation steps), loss
+   scaling, clipping, the optimizer step (:func:`train_step`);
+3. every ``log_every`` steps: the window's mean metrics (console, TensorBoard, and the job's own
+   ``log.txt`` record where it has one); the non-finite guard (:class:`NonFiniteTracker`);
+4. commit points: at the end of every epoch (epoch-based jobs: the job's epoch hook, e.g. evaluation
+   and the best checkpoint, then ``log.txt`` and the checkpoints) or every ``eval_every`` /
+   ``save_every`` / ``save_last_every`` steps (iteration-based jobs);
+5. preemption: SIGTERM / SIGUSR1 stop every rank after the same optimizer step
+   (``util/preempt.py``); ``checkpoint-last.pth`` records the position and the running sums, and
+   :class:`util.errors.Preempted` ends the script.
+
+Host synchronisation happens only at log steps and commit points: metrics are summed on the device,
+and the non-finite check keeps the first bad (step, metric) in a device tensor. A NaN therefore
+stops training within ``log_every`` steps, before any checkpoint is written from corrupted weights.
+
+**Crash consistency.** A commit writes ``checkpoint-last.pth`` first, with what the commit still has
+to do (the other checkpoint names, the ``log.txt`` lines), then the numbered / best checkpoints,
+then the log lines. A rerun resumes from the furthest checkpoint and first completes its commit
+(writes missing files, appends missing lines), and drops ``log.txt`` lines past the resume point
+(the rerun writes them again, with the same numbers). A ``kill -9`` at any moment therefore loses
+no log line or checkpoint and duplicates none. A mid-epoch checkpoint also carries the epoch's
+running metric sums, so a resumed epoch logs the mean over the whole epoch.
+"""
+import contextlib
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from util import checkpoint as ckpt_util
+from util import dist as dist_util
+from util.config import TrainConfig
+from util.errors import UserError
+from util.lr_sched import set_lr
+from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, seed_everything
+from util.runner import Run
+
+_log = logging.getLogger(__name__)
+
+Batch = Tuple[torch.Tensor, ...]
+# loss_fn(model, batch) -> (loss to back-propagate, detached metrics [M] summed into the logs)
+LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainData(Protocol):
+    """A training data source the trainer reads by global step."""
+
+    steps_per_epoch: int  # batches per process per epoch
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        """Every batch from global step ``start_step`` on, epoch after epoch, without end."""
+
+
+# --------------------------------------------------------------------------------------------
+# one step
+
+
+class NonFiniteTracker:
+    """Remembers, on the device, the first (step, metric) that was NaN or infinite."""
+
+    def __init__(self, labels: Sequence[str], device: torch.device) -> None:
+        self.labels = list(labels)
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, metrics: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(metrics)
+        code = step * len(self.labels) + torch.argmax(bad.to(torch.int32))
+        self.first = torch.where((self.first < 0) & bad.any(), code, self.first)
+
+    def check(self, steps_per_epoch: Optional[int] = None) -> None:
+        """Raise (one host sync) if a non-finite value has been seen.
+
+        ``steps_per_epoch`` names the epoch and iteration of the bad step; None (iteration-based
+        training such as segmentation) names the iteration alone.
+        """
+        first = int(self.first.item())
+        if first >= 0:
+            step, which = divmod(first, len(self.labels))
+            if steps_per_epoch:
+                epoch, it = divmod(step, steps_per_epoch)
+                where = f"step {step} (epoch {epoch}, iteration {it})"
+            else:
+                where = f"iteration {step}"
+            raise UserError(
+                f"Non-finite loss at {where} in {self.labels[which]}. Training stopped; checkpoints already "
+                f"written are intact. Lower the learning rate (--blr / --lr), add --clip_grad, or try --amp bf16 / "
+                f"--amp none."
+            )
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    accum: int = 1,
+    update: bool = True,
+    clip_grad: Optional[float] = None,
+) -> torch.Tensor:
+    """Forward and backward of one batch, then (if ``update``) the optimizer step; returns the
+    detached float metrics [M] (on the device, no host sync).
+
+    Without ``update`` the gradients accumulate, and DDP skips its all-reduce (``no_sync``).
+    """
+    batch = tuple(t.to(device, non_blocking=True) for t in batch)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    with model.no_sync() if ddp and not update else contextlib.nullcontext():
+        with autocast(device, amp_dtype):
+            loss, metrics = loss_fn(model, batch)
+        scaler.scale(loss / accum).backward()
+    if update:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return metrics.detach().float()
+
+
+def wrap(model: nn.Module, device: torch.device, distributed: bool, grad_checkpointing: bool = False,
+         compile: bool = False) -> nn.Module:
+    """The module to train: ``--grad_checkpointing``, DDP when there are several processes, then
+    ``--compile``. Checkpoints are always written from the plain ``model``
+    (``util.checkpoint.unwrap``).
+
+    No unused-parameter search (every parameter gets a gradient: only the supervised layers'
+    decoders exist); buffers are synchronised once at start, not before every forward (the
+    pre-training buffers are constants; a probe's BatchNorm statistics are synchronised before
+    distributed evaluation instead).
+    """
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        # torch >= 2.14 renames broadcast_buffers (and deprecates the old name)
+        new_name = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if new_name else {"broadcast_buffers": False}
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def rescale_step(step: int, old_batch: int, new_batch: int, accum_iter: int = 1) -> int:
+    """Iterations into an epoch that cover the samples ``step`` iterations of ``old_batch`` covered.
+
+    The distributed sampler deals one global permutation round-robin, so after ``step`` iterations
+    the samples used are its first ``step * old_batch`` (total batch = processes x per-process batch),
+    whatever the number of processes. Rounded down to a whole batch and to an accumulation boundary.
+    """
+    new = step * old_batch // new_batch
+    return new - new % max(1, accum_iter)
+
+
+# --------------------------------------------------------------------------------------------
+# jobs
+
+
+@dataclass
+class Commit:
+    """What a hook adds to a commit point: ``log.txt`` records and checkpoint names (e.g. the best)."""
+
+    records: List[Dict[str, Any]]
+    files: List[str]
+
+
+class Job:
+    """What differs between pre-training, fine-tuning, probing and segmentation.
+
+    Subclasses set ``model`` / ``optimizer`` / ``scaler`` and ``metric_names``, and implement
+    :meth:`loss` and :meth:`lr`; the hooks have defaults that do nothing.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    metric_names: Sequence[str] = ("loss",)
+    metric_weights: Optional[Sequence[float]] = None  # weights of the metrics in the logged total loss
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, detached metrics [M]) of one batch, under autocast."""
+        raise NotImplementedError
+
+    def lr(self, step: int) -> float:
+        """The base learning rate of global step ``step`` (each param group scales it by ``lr_scale``)."""
+        raise NotImplementedError
+
+    def metric_labels(self) -> List[str]:
+        """How the non-finite message names each metric."""
+        return [f"the loss of {n}" for n in self.metric_names]
+
+    def summary(self, values: Sequence[float]) -> Dict[str, float]:
+        """The logged names of mean metric ``values``: ``loss`` (their weighted sum) and ``loss_<name>``."""
+        names = list(self.metric_names)
+        weights = list(self.metric_weights) if self.metric_weights is not None else [1.0] * len(names)
+        out = {"loss": sum(w * v for w, v in zip(weights, values))}
+        if len(names) > 1 or names[0] != "loss":
+            out.update({f"loss_{n}": v for n, v in zip(names, values)})
+        return out
+
+    def progress(self, trainer: "Trainer", done: int, values: Sequence[float], summary: Dict[str, float], lr: float,
+                 sec_per_it: float) -> str:
+        """The console line of a log step (MAE's: ``epoch 3 [40/312] loss ... lr ... s/it``)."""
+        epoch, it = divmod(done - 1, trainer.steps_per_epoch)
+        names = list(self.metric_names)
+        parts = " ".join(f"{n} {v:.4f}" for n, v in zip(names, values)) if len(names) > 1 else ""
+        return (f"epoch {epoch} [{it + 1}/{trainer.steps_per_epoch}] loss {summary['loss']:.4f}"
+                f"{f' ({parts})' if parts else ''} lr {lr:.3e} {sec_per_it:.3f} s/it")
+
+    def on_log(self, trainer: "Trainer", done: int, summary: Dict[str, float], lr: float,
+               sec_per_it: float) -> Optional[Dict[str, Any]]:
+        """A ``log.txt`` record for this log step (iteration-based jobs), or None."""
+        return None
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, train: Dict[str, float]) -> Commit:
+        """Epoch-based jobs: the epoch's ``log.txt`` record from the training stats (``train_*``),
+        plus whatever the job adds (evaluation, the best checkpoint)."""
+        return Commit([{f"train_{k}": v for k, v in train.items()}], [])
+
+    def on_step(self, trainer: "Trainer", done: int) -> Commit:
+        """Iteration-based jobs: evaluation records (and files) at step ``done``."""
+        return Commit([], [])
+
+    def check_resume(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Refuse a checkpoint with a clearer message than a state-dict mismatch would give."""
+
+    def extra_state(self) -> Dict[str, Any]:
+        """Entries the job adds to every checkpoint (``model_cfg``, the best accuracy, ...)."""
+        return {}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        """Take back what :meth:`extra_state` stored."""
+
+    def result(self, trainer: "Trainer", elapsed: float) -> Dict[str, Any]:
+        """What ``fit`` returns (and logs) when training is done."""
+        _log.info("training time %s", fmt_seconds(elapsed))
+        return dict(trainer.last_train)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How the trainer runs a job (built by the scripts from their flags).
+
+    ``by_epoch``: MAE's epoch-based jobs (log interval counted within each epoch; commit at every
+    epoch end; ``save_every`` in epochs). Otherwise iteration-based (segmentation): log, evaluate
+    (``eval_every``) and save (``save_every``, ``save_last_every``) every so many steps, and at the end.
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    accum_iter: int = 1
+    clip_grad: Optional[float] = None
+    log_every: int = 20
+    seed: int = 0
+    by_epoch: bool = True
+    save_every: int = 20
+    save_last_every: int = 0
+    eval_every: int = 0
+    resume: str = ""
+    auto_resume: bool = True
+    start_epoch: int = 0
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+
+def epoch_trainer_config(train: TrainConfig, seed: int, steps_per_epoch: int) -> TrainerConfig:
+    """The trainer settings of an epoch-based script (MAE's flags: ``--epochs``, ``--save_every`` in epochs)."""
+    return TrainerConfig(
+        total_steps=train.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, batch_size=train.batch_size,
+        accum_iter=train.accum_iter, clip_grad=train.clip_grad, log_every=train.log_every, seed=seed, by_epoch=True,
+        save_every=train.save_every, resume=train.resume, auto_resume=train.auto_resume, start_epoch=train.start_epoch,
+        compile=train.compile, grad_checkpointing=train.grad_checkpointing)
+
+
+class _Sums:
+    """Metric sums on the device (this rank) plus a carried global part (from a resumed checkpoint)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.local = torch.zeros(k, device=device)
+        self.n = 0
+        self.carry: Optional[torch.Tensor] = None
+        self.carry_n = 0
+
+    def add(self, metrics: torch.Tensor) -> None:
+        self.local += metrics
+        self.n += 1
+
+    def reset(self) -> None:
+        self.local.zero_()
+        self.n, self.carry, self.carry_n = 0, None, 0
+
+    def total(self) -> Tuple[torch.Tensor, int]:
+        """(sum over every rank and the carried part, number of batches summed): a collective."""
+        total = dist_util.all_reduce_sum(self.local.clone())
+        if self.carry is not None:
+            total = total + self.carry
+        return total, self.n * dist_util.get_world_size() + self.carry_n
+
+    def mean(self) -> List[float]:
+        total, n = self.total()
+        return (total / max(1, n)).tolist()
+
+    def state(self) -> Dict[str, Any]:
+        total, n = self.total()
+        return {"sums": total.tolist(), "count": n}
+
+    def load(self, state: Optional[Dict[str, Any]]) -> None:
+        if state:
+            self.carry = torch.tensor(state["sums"], dtype=torch.float32, device=self.local.device)
+            self.carry_n = int(state["count"])
+
+
+def record_step(record: Dict[str, Any], steps_per_epoch: int) -> int:
+    """The global step a ``log.txt`` record belongs to (``iteration``, or the end of its ``epoch``)."""
+    if "iteration" in record:
+        return int(record["iteration"])
+    if "epoch" in record:
+        return (int(record["epoch"]) + 1) * steps_per_epoch
+    return 0
+
+
+def _record_key(record: Dict[str, Any]) -> Tuple[Any, ...]:
+    return record.get("mode"), record.get("iteration"), record.get("epoch")
+
+
+class Trainer:
+    """Runs a :class:`Job` from its resume point to ``total_steps`` (see the module docstring).
+
+    Args:
+        run: the started run (device, precision, output folder, logs, stop signal).
+        job: the job.
+        data: the training data, read by global step.
+        cfg: the trainer's settings.
+        saved_args: what checkpoints store as ``args`` (``Run.resolved_args``); also ``config.json``'s.
+        config_extra: more entries of ``config.json`` (e.g. ``model_cfg``), written once resumed.
+    """
+
+    def __init__(self, run: Run, job: Job, data: TrainData, cfg: TrainerConfig, saved_args: Dict[str, Any],
+                 config_extra: Optional[Dict[str, Any]] = None) -> None:
+        self.run, self.job, self.data, self.cfg, self.saved_args = run, job, data, cfg, saved_args
+        self.config_extra = dict(config_extra or {})
+        self.steps_per_epoch = cfg.steps_per_epoch
+        self.total_steps = cfg.total_steps
+        k = len(job.metric_names)
+        self.epoch_sums = _Sums(k, run.device)
+        self.window = _Sums(k, run.device)
+        self.nonfinite = NonFiniteTracker(job.metric_labels(), run.device)
+        self.last_train: Dict[str, float] = {}
+        self.lr = job.optimizer.param_groups[0]["lr"]
+        self.train_model: Optional[nn.Module] = None
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.run.out_dir / "log.txt"
+
+    def position_fields(self, done: int) -> Dict[str, int]:
+        """The checkpoint's ``epoch`` / ``step_in_epoch`` (/ ``iteration``) after ``done`` steps."""
+        spe = self.steps_per_epoch
+        if not self.cfg.by_epoch:  # iteration-based: completed passes over the data, and the iteration
+            return {"epoch": done // spe, "step_in_epoch": 0, "iteration": done}
+        epoch, it = divmod(done, spe)
+        return {"epoch": epoch - 1, "step_in_epoch": 0} if it == 0 else {"epoch": epoch, "step_in_epoch": it}
+
+    def state(self, done: int, **extra: Any) -> Dict[str, Any]:
+        """The checkpoint after ``done`` steps (built on rank 0 only)."""
+        job, pos = self.job, self.position_fields(done)
+        more = job.extra_state()
+        model_cfg = more.pop("model_cfg", None)
+        if "iteration" in pos:
+            more = {"iteration": pos["iteration"], **more}
+        return ckpt_util.training_state(job.model, job.optimizer, job.scaler, pos["epoch"], self.saved_args, model_cfg,
+                                        step_in_epoch=pos["step_in_epoch"], **more, **extra)
+
+    def commit(self, done: int, records: Sequence[Dict[str, Any]], files: Sequence[str],
+               partial: Optional[Dict[str, Any]] = None) -> None:
+        """Write this step's checkpoints and ``log.txt`` records (rank 0; every rank waits, a failure
+        reaches every rank). ``checkpoint-last.pth`` goes first and names what follows."""
+        if files:
+            self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)  # never save a NaN's weights
+        out = self.run.out_dir
+
+        def write() -> None:
+            others = [f for f in files if f != ckpt_util.LAST]
+            if files:
+                state = self.state(done, **({"partial": partial} if partial else {}))
+                ckpt_util.save_atomic({**state, "commit": {"files": others, "log": list(records)}}, out / ckpt_util.LAST)
+                _fail_point(ckpt_util.LAST)
+                for name in others:
+                    ckpt_util.save_atomic(state, out / name)
+                    _fail_point(name)
+            for record in records:
+                append_jsonl(record, self.log_path)
+                _fail_point("log.txt")
+            self.run.tb.flush()
+
+        self.run.on_main(write)
+
+    # ---------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load ``--resume`` or the furthest checkpoint in the output folder; return the step to
+        continue at. Also completes that checkpoint's commit and drops ``log.txt`` lines past it."""
+        run, cfg, job = self.run, self.cfg, self.job
+        check_free_space(run.out_dir, ckpt_util.estimated_size(job.model), "one checkpoint")
+        path: Optional[str] = cfg.resume or None
+        if path is None and cfg.auto_resume:
+            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
+            path = dist_util.broadcast_object(str(found) if found else None)
+        if path is None:
+            start = cfg.start_epoch * self.steps_per_epoch
+            run.on_main(lambda: self._tidy_log(start))
+            return start
+        ckpt = ckpt_util.read_checkpoint(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
+        job.check_resume(ckpt, path)
+        ckpt_util.load_training_state(ckpt, path, job.model, job.optimizer, job.scaler)
+        job.load_extra_state(ckpt)
+        partial = ckpt.get("partial") or {}
+        if not cfg.by_epoch:
+            start = int(ckpt.get("iteration", 0))
+            self.window.load(partial.get("window"))
+            _log.info("resumed from %s: continuing at iteration %d", path, start)
+        else:
+            epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
+            if step:
+                saved = ckpt.get("args") or {}
+                world = run.info.world_size
+                old = int(saved.get("batch_size", cfg.batch_size)) * int(saved.get("world_size", world))
+                new = cfg.batch_size * world
+                if old != new:
+                    rescaled = rescale_step(step, old, new, cfg.accum_iter)
+                    _log.warning("the checkpoint was written with a total batch of %d, this run has %d: continuing at "
+                                 "iteration %d instead of %d (the same samples done)", old, new, rescaled, step)
+                    step = rescaled
+                start = epoch * self.steps_per_epoch + step
+                self.epoch_sums.load(partial.get("epoch"))
+                self.window.load(partial.get("window"))
+            else:
+                start = (epoch + 1) * self.steps_per_epoch
+            _log.info("resumed from %s: continuing at epoch %d%s", path, start // self.steps_per_epoch,
+                      f", iteration {step}" if step else "")
+        same_folder = Path(path).resolve() == (run.out_dir / ckpt_util.LAST).resolve()
+        run.on_main(lambda: self._complete(ckpt if same_folder else {}, start))
+        return start
+
+    def _tidy_log(self, start: int) -> None:
+        """Drop ``log.txt`` records past step ``start``: a rerun from there writes them again."""
+        if not self.log_path.exists():
+            return
+        lines = self.log_path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a partial last line of a killed run
+                continue
+            if record_step(rec, self.steps_per_epoch) <= start:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            _log.info("log.txt: %d line(s) past the resume point dropped; this run writes them again",
+                      len(lines) - len(keep))
+            tmp = self.log_path.with_name(".log.txt.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.log_path)
+
+    def _complete(self, ckpt: Dict[str, Any], start: int) -> None:
+        """Finish the commit that wrote ``ckpt`` (rank 0): the checkpoints it names that are missing or
+        older, and its ``log.txt`` records that are missing."""
+        self._tidy_log(start)
+        commit = ckpt.get("commit") or {}
+        out = self.run.out_dir
+        state = {k: v for k, v in ckpt.items() if k != "commit"}
+        for name in commit.get("files", []):
+            target = out / name
+            try:
+                present = ckpt_util.position(ckpt_util.read_checkpoint(str(target), mmap=True)) == ckpt_util.position(ckpt)
+            except UserError:
+                present = False
+            if not present:
+                _log.info("writing %s, which the interrupted run had not written yet", target)
+                ckpt_util.save_atomic(state, target)
+        records = commit.get("log", [])
+        if records:
+            have = set()
+            if self.log_path.exists():
+                have = {_record_key(json.loads(x)) for x in self.log_path.read_text().splitlines() if x.strip()}
+            for record in records:
+                if _record_key(record) not in have:
+                    _log.info("log.txt: appending the line the interrupted run had not written yet")
+                    append_jsonl(record, self.log_path)
+
+    # ---------------------------------------------------------------------------------------
+    def _log_step(self, done: int) -> None:
+        job, run = self.job, self.run
+        self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)
+        n_local = self.window.n
+        values = self.window.mean()
+        summary = job.summary(values)
+        sec = (time.perf_counter() - self._t_window) / max(1, n_local)
+        _log.info("%s", job.progress(self, done, values, summary, self.lr, sec))
+        run.tb.scalars({f"train/{k}": v for k, v in summary.items()} | {"train/lr": self.lr}, done)
+        record = job.on_log(self, done, summary, self.lr, sec)
+        if record is not None:
+            self._pending.append(record)
+        self.window.reset()
+        self._t_window = time.perf_counter()
+
+    def _preempt_mid(self, done: int) -> None:
+        """Every rank: write checkpoint-last.pth at ``done`` (with the running sums), then stop."""
+        self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)
+        partial = {"window": self.window.state()}
+        if self.cfg.by_epoch:
+            partial["epoch"] = self.epoch_sums.state()
+        self.commit(done, [], [ckpt_util.LAST], partial)
+        if self.cfg.by_epoch:
+            epoch, it = divmod(done, self.steps_per_epoch)
+            self.run.preempted(f"epoch {epoch}, iteration {it}")
+        self.run.preempted(f"iteration {done}")
+
+    def fit(self) -> Dict[str, Any]:
+        """Train from the resume point to ``total_steps``; return ``job.result``."""
+        cfg, job, run = self.cfg, self.job, self.run
+        spe, total = self.steps_per_epoch, self.total_steps
+        start = self.resume()
+        run.save_config(self.saved_args, **self.config_extra)
+        model = wrap(job.model, run.device, run.info.distributed, cfg.grad_checkpointing, cfg.compile)
+        self.train_model = model
+        model.train(True)
+        accum = max(1, cfg.accum_iter)
+        rank = run.info.rank
+        self._pending: List[Dict[str, Any]] = []
+        self._t_window = time.perf_counter()
+        t0 = time.time()
+        job.optimizer.zero_grad(set_to_none=True)
+        batches = self.data.batches(start)
+        for step in range(start, total):
+            batch = next(batches)
+            epoch, it = divmod(step, spe)
+            if it % accum == 0:
+                self.lr = set_lr(job.optimizer, job.lr(step))
+            seed_everything(derive_seed(cfg.seed, step, rank))
+            update = (it + 1) % accum == 0 or it + 1 == spe
+            metrics = train_step(model, job.loss, batch, job.optimizer, job.scaler, run.device, run.amp_dtype,
+                                 accum=accum, update=update, clip_grad=cfg.clip_grad)
+            self.nonfinite.update(metrics, step)
+            self.epoch_sums.add(metrics)
+            self.window.add(metrics)
+            done = step + 1
+            last = done == total
+            epoch_end = cfg.by_epoch and done % spe == 0
+
+            if cfg.by_epoch:
+                if (it + 1) % cfg.log_every == 0 or epoch_end:
+                    self._log_step(done)
+            elif done % cfg.log_every == 0 or last:
+                self._log_step(done)
+
+            if epoch_end:
+                self._end_epoch(epoch, last)
+                model.train(True)
+                if not last and run.stop.sync():
+                    run.preempted(f"the start of epoch {epoch + 1}")
+                continue
+            if not cfg.by_epoch:
+                self._step_hooks(done, last)
+                model.train(True)
+            elif self._pending:
+                self.commit(done, self._pending, [])
+                self._pending = []
+            if update and not last and run.stop():  # SIGTERM / SIGUSR1: every rank agreed after this step
+                self._preempt_mid(done)
+        self.run.tb.flush()
+        return job.result(self, time.time() - t0)
+
+    def _end_epoch(self, epoch: int, last: bool) -> None:
+        self.nonfinite.check(self.steps_per_epoch)
+        self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.lr}
+        self.epoch_sums.reset()
+        hook = self.job.on_epoch_end(self, epoch, self.last_train)
+        files = [ckpt_util.LAST]
+        if epoch % self.cfg.save_every == 0 or last:
+            files.append(ckpt_util.numbered(epoch))
+        files += hook.files
+        records = self._pending + [{**r, "epoch": epoch} for r in hook.records]
+        self._pending = []
+        self.commit((epoch + 1) * self.steps_per_epoch, records, files)
+
+    def _step_hooks(self, done: int, last: bool) -> None:
+        cfg = self.cfg
+        hook = Commit([], [])
+        if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+            self.nonfinite.check()
+            hook = self.job.on_step(self, done)
+        records = self._pending + hook.records
+        self._pending = []
+        files: List[str] = []
+        if done % cfg.save_every == 0 or last:
+            files = [ckpt_util.LAST, ckpt_util.numbered(done)]
+        elif cfg.save_last_every and done % cfg.save_last_every == 0:
+            files = [ckpt_util.LAST]
+        files += hook.files
+        if records or files:
+            self.commit(done, records, files)
+
+
+def _fail_point(name: str) -> None:
+    """Testing crash consistency: ``DEEPMIM_KILL_AFTER=<file>:<n>`` kills this process (SIGKILL, as
+    ``kill -9``) right after it writes ``<file>`` (a checkpoint name or ``log.txt``) the n-th time."""
+    spec = os.environ.get("DEEPMIM_KILL_AFTER")
+    if not spec:
+        return
+    target, _, count = spec.rpartition(":")
+    if target != name:
+        return
+    _FAIL_COUNTS[name] = _FAIL_COUNTS.get(name, 0) + 1
+    if _FAIL_COUNTS[name] == int(count):
+        os.kill(os.getpid(), 9)
+
+
+_FAIL_COUNTS: Dict[str, int] = {}
