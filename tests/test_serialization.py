@@ -159,6 +159,9 @@ def test_safetensors_are_real_and_found_by_content(tmp_path):
     serialization.save_safetensors({"w": base}, plain)
     assert set(serialization.load_torch(str(plain))) == {"w"}  # no extra: the tensors themselves
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    misnamed = tmp_path / "old_export.safetensors"  # a torch zip, as the converter used to write
+    torch.save({"w": base}, misnamed)
+    assert not serialization.is_safetensors(str(misnamed)) and torch.equal(serialization.load_torch(str(misnamed))["w"], base)
     with pytest.raises(UserError, match="tensors only"):
         serialization.save_safetensors({"w": base, "epoch": 3}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

@@ -73,28 +73,20 @@ _MAE = "https://dl.fbaipublicfiles.com/mae"
 # MAE: README.md (pre-trained: the encoder only), FINETUNE.md (fine-tuned ViTs with fc_norm + head,
 # ImageNet-1K top-1 83.664 / 85.952 / 86.928) and demo/mae_visualize.ipynb (encoder + decoder,
 # pixel targets). MAE publishes 6-digit md5 prefixes and no sha256; the visualization weights have none.
+_MAE_RELEASES = (  # (file under _MAE, layout, kind, model, md5 prefix)
+    ("pretrain/mae_pretrain_vit_base.pth", "encoder", "pretrain", "vit_base_patch16", "8cad7c"),
+    ("pretrain/mae_pretrain_vit_large.pth", "encoder", "pretrain", "vit_large_patch16", "b8b06e"),
+    ("pretrain/mae_pretrain_vit_huge.pth", "encoder", "pretrain", "vit_huge_patch14", "9bdbb0"),
+    ("finetune/mae_finetuned_vit_base.pth", "encoder", "finetuned", "vit_base_patch16", "1b25e9"),
+    ("finetune/mae_finetuned_vit_large.pth", "encoder", "finetuned", "vit_large_patch16", "51f550"),
+    ("finetune/mae_finetuned_vit_huge.pth", "encoder", "finetuned", "vit_huge_patch14", "2541f2"),
+    ("visualize/mae_visualize_vit_base.pth", "mae", "pretrain", "mae_vit_base_patch16", None),
+    ("visualize/mae_visualize_vit_large.pth", "mae", "pretrain", "mae_vit_large_patch16", None),
+    ("visualize/mae_visualize_vit_large_ganloss.pth", "mae", "pretrain", "mae_vit_large_patch16", None),
+)
 PUBLISHED: Dict[str, Published] = {
-    p.name: p
-    for p in (
-        Published("mae_pretrain_vit_base", f"{_MAE}/pretrain/mae_pretrain_vit_base.pth", "encoder", "pretrain",
-                  "vit_base_patch16", md5_prefix="8cad7c"),
-        Published("mae_pretrain_vit_large", f"{_MAE}/pretrain/mae_pretrain_vit_large.pth", "encoder", "pretrain",
-                  "vit_large_patch16", md5_prefix="b8b06e"),
-        Published("mae_pretrain_vit_huge", f"{_MAE}/pretrain/mae_pretrain_vit_huge.pth", "encoder", "pretrain",
-                  "vit_huge_patch14", md5_prefix="9bdbb0"),
-        Published("mae_finetuned_vit_base", f"{_MAE}/finetune/mae_finetuned_vit_base.pth", "encoder", "finetuned",
-                  "vit_base_patch16", md5_prefix="1b25e9"),
-        Published("mae_finetuned_vit_large", f"{_MAE}/finetune/mae_finetuned_vit_large.pth", "encoder", "finetuned",
-                  "vit_large_patch16", md5_prefix="51f550"),
-        Published("mae_finetuned_vit_huge", f"{_MAE}/finetune/mae_finetuned_vit_huge.pth", "encoder", "finetuned",
-                  "vit_huge_patch14", md5_prefix="2541f2"),
-        Published("mae_visualize_vit_base", f"{_MAE}/visualize/mae_visualize_vit_base.pth", "mae", "pretrain",
-                  "mae_vit_base_patch16"),
-        Published("mae_visualize_vit_large", f"{_MAE}/visualize/mae_visualize_vit_large.pth", "mae", "pretrain",
-                  "mae_vit_large_patch16"),
-        Published("mae_visualize_vit_large_ganloss", f"{_MAE}/visualize/mae_visualize_vit_large_ganloss.pth", "mae",
-                  "pretrain", "mae_vit_large_patch16"),
-    )
+    Path(file).stem: Published(Path(file).stem, f"{_MAE}/{file}", layout, kind, model, md5_prefix=md5)
+    for file, layout, kind, model, md5 in _MAE_RELEASES
 }
 
 

@@ -58,9 +58,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def is_safetensors(path: str) -> bool:
-    """True for a ``.safetensors`` name or a file that starts like one (u64 header size, then ``{``)."""
-    if path.endswith(".safetensors"):
-        return True
+    """True for a file that starts like safetensors (little-endian u64 header size, then ``{``), whatever its name."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -107,15 +105,18 @@ def load_torch(path: str, mmap: bool = False) -> Any:
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"Checkpoint {path!r} not found.")
-    if is_safetensors(path):
+    # by content: earlier versions of tools/convert_checkpoint.py wrote torch zips named .safetensors
+    if is_safetensors(path) or (path.endswith(".safetensors") and not zipfile.is_zipfile(path)):
         return _load_safetensors(path)
     if is_torchscript(path):
         return load_torchscript_state_dict(path)
     try:
-        # only the zip format can be memory-mapped; torch raises for a legacy file with mmap=True
-        use_mmap = mmap and zipfile.is_zipfile(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        # only the zip format can be memory-mapped (torch raises for a legacy file with mmap=True), and
+        # only by name; a file object otherwise, since torch.load sends a name ending in .safetensors
+        # to safetensors
+        use_mmap = mmap and zipfile.is_zipfile(path) and not path.endswith(".safetensors")
+        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as f:
+            obj = torch.load(path if use_mmap else f, map_location="cpu", weights_only=True, mmap=use_mmap)
     except Exception as e:  # truncated or foreign files fail in many ways (zip, index, EOF, pickle errors)
         names = _unsafe_globals(path, e) if isinstance(e, pickle.UnpicklingError) else []
         if names:
