@@ -218,6 +218,11 @@ def test_genuine_torchscript_archives_give_the_tensors_torch_jit_load_gives(tmp_
     ours = serialization.load_torchscript_state_dict(str(scripted))
     assert "leaf.scratch" in ours and "leaf.plain" not in ours and "leaf.proj.bias" not in ours
     assert ours["window"].untyped_storage().data_ptr() == ours["leaf.steps"].untyped_storage().data_ptr()
+    repacked = tmp_path / "deflated.pt"  # records compressed (torch stores them): read through zipfile
+    with zipfile.ZipFile(scripted) as src, zipfile.ZipFile(repacked, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert_same_state_dict(serialization.load_torchscript_state_dict(str(repacked)), load_jit_state_dict(scripted))
     clip = serialization.load_torchscript_state_dict(str(tiny_clip["torchscript"]))
     assert all(torch.equal(clip[k], v) for k, v in tiny_clip["model"].state_dict().items())
     assert not serialization.is_torchscript(str(tiny_clip["state_dict"]))

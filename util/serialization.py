@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Set, Tuple
@@ -343,13 +344,32 @@ class _TorchScriptUnpickler(pickle.Unpickler):
                 info = self.zf.getinfo(record)
             except KeyError:
                 raise pickle.UnpicklingError(f"the archive lacks the record {record}") from None
-            buf = bytearray(info.file_size)  # read once, straight into the tensor's memory
-            with self.zf.open(info) as f:
-                if f.readinto(buf) != info.file_size:
-                    raise pickle.UnpicklingError(f"the record {record} is truncated")
-            untyped = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if buf else torch.UntypedStorage(0)
-            self.storages[key] = _Storage(untyped, storage_type.dtype)
+            self.storages[key] = _Storage(_read_record(self.zf, info), storage_type.dtype)
         return self.storages[key]
+
+
+def _read_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> torch.UntypedStorage:
+    """A zip member's bytes, read once, straight into the storage the tensors will view.
+
+    Records are stored uncompressed (as torch writes them): those are read from their offset,
+    without zipfile's CRC pass; the buffer is not zero-filled first (both halve the time).
+    """
+    data = torch.empty(info.file_size, dtype=torch.uint8)
+    buf = data.numpy()  # a writable buffer over the tensor's memory
+    if info.compress_type == zipfile.ZIP_STORED and zf.fp is not None:
+        zf.fp.seek(info.header_offset)
+        header = zf.fp.read(zipfile.sizeFileHeader)
+        if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
+            raise pickle.UnpicklingError(f"the record {info.filename} has a damaged zip header")
+        fields = struct.unpack(zipfile.structFileHeader, header)
+        zf.fp.seek(fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH], os.SEEK_CUR)
+        got = zf.fp.readinto(buf)
+    else:
+        with zf.open(info) as f:
+            got = f.readinto(buf)
+    if got != info.file_size:
+        raise pickle.UnpicklingError(f"the record {info.filename} is truncated")
+    return data.untyped_storage()
 
 
 def _archive_prefix(zf: zipfile.ZipFile, path: str) -> str:
