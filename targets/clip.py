@@ -2,15 +2,17 @@
 
 ``--clip_path`` accepts, and tells apart by content, not by file name:
 
-* OpenAI's CLIP checkpoint as distributed (``ViT-B-16.pt``): a TorchScript archive. It is read with
-  ``torch.jit.load``, which deserializes TorchScript but never runs Python code from the file;
+* OpenAI's CLIP checkpoint as distributed (``ViT-B-16.pt``): a TorchScript archive. Its tensors are
+  taken out of the archive without ``torch.jit.load`` (which would run the archive's code):
+  ``util.serialization.load_torchscript_state_dict``;
 * a plain state dict with ``visual.*`` keys (what the reference DeepMIM code expects), also with a
   ``module.`` prefix or the image tower alone (``conv1.weight``, ..., ``proj``);
 * an open_clip checkpoint (``{'state_dict': ...}`` from open_clip training, or its ``.safetensors``
   / ``.bin`` weights).
 
 Pickled files are read with ``weights_only=True``. Without ``--clip_model`` the architecture is
-read off the weights (width, depth, patch size, image size, output width; 64-wide heads) with
+read off the weights (width, depth, patch size, image size, output width; the standard ViT head
+count for the width, 64-wide heads for OpenAI's towers) with
 OpenAI's QuickGELU activation, as in OpenAI's release. With ``--clip_model NAME`` the architecture
 comes from open_clip's model config of that name and ``--clip_path`` / ``--clip_pretrained`` give
 the weights (``--clip_pretrained openai`` downloads when online).

@@ -2,19 +2,21 @@
 import argparse
 import functools
 import http.server
+import os
 import threading
-from pathlib import Path
+import zipfile
 
 import pytest
 import timm
 import torch
 from conftest import run_script
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import models_deepmim
 import models_vit
 from tools import convert_checkpoint
-from util import convert
+from util import convert, serialization
 from util.errors import UserError
 
 PRE = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
@@ -94,6 +96,13 @@ def test_position_embedding_is_resized_for_another_input_size(pretrained):
     assert torch.equal(same.pos_embed, model.pos_embed)  # identity at equal size
 
 
+class Runs:
+    """Unpickling it would run a shell command."""
+
+    def __reduce__(self):
+        return (os.system, ("touch ran",))
+
+
 def test_loading_refuses_foreign_files_and_wrong_models(pretrained, tmp_path):
     _, path = pretrained
     foreign = tmp_path / "resnet.pth"
@@ -104,8 +113,13 @@ def test_loading_refuses_foreign_files_and_wrong_models(pretrained, tmp_path):
         convert.load_encoder(vit(embed_dim=96, num_heads=3), str(path))
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, pickled)  # as MAE saved
-    with pytest.raises(UserError, match="weights-only load refuses"):
+    with pytest.raises(UserError, match="is not a ours / reference / mae / encoder checkpoint"):  # read, then refused
         convert.load_encoder(vit(), str(pickled))
+    code = tmp_path / "code.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": Runs()}, code)
+    with pytest.raises(UserError, match=r"unpickling it would import and call posix.system, i.e. run code"):
+        convert.load_encoder(vit(), str(code))
+    assert not (tmp_path / "ran").exists()
 
 
 def test_url_is_downloaded_once_with_sha256_check(pretrained, tmp_path, monkeypatch):
@@ -118,7 +132,7 @@ def test_url_is_downloaded_once_with_sha256_check(pretrained, tmp_path, monkeypa
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(path.parent)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setenv("DEEPMIM_CACHE", str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{server.server_port}/{path.name}"
     try:
         import hashlib
@@ -126,10 +140,9 @@ def test_url_is_downloaded_once_with_sha256_check(pretrained, tmp_path, monkeypa
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         convert.load_encoder(vit(), url, sha256=digest[:16])
         convert.load_encoder(vit(), url)
-        assert len(requests) == 1  # cached in the torch hub folder after the first call
-        assert (Path(torch.hub.get_dir()) / "checkpoints" / path.name).exists()
-        assert str(torch.hub.get_dir()).startswith(str(tmp_path))
-        with pytest.raises(UserError, match="has sha256 .* expected 0000"):
+        assert len(requests) == 1  # cached in the download folder after the first call
+        assert (tmp_path / "cache" / "checkpoints" / path.name).exists()
+        with pytest.raises(UserError, match="has sha256 .* but 0000 was expected"):
             convert.load_encoder(vit(), url, sha256="0000")
         with pytest.raises(UserError, match="Could not download"):
             convert.load_encoder(vit(), f"http://127.0.0.1:{server.server_port}/missing.pth")
@@ -186,3 +199,80 @@ def test_convert_tool_round_trips_and_refuses_unknown_files(pretrained, tmp_path
     with pytest.raises(UserError, match=r"is not a reference / mae checkpoint \(found the ours layout"):
         tool(path, tmp_path / "x.pth", "--to", "ours")
     assert not (tmp_path / "x.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# exports that load in their target library (strict, equal outputs), inputs as MAE wrote them
+
+
+def save_like_mae(path, state_dict, **args):
+    """A checkpoint as MAE's / the reference's ``misc.save_model`` writes it: ``args`` is a Namespace."""
+    torch.save({"model": state_dict, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1599, "scaler": {},
+                "args": argparse.Namespace(**args)}, path)
+    return path
+
+
+def test_timm_safetensors_export_loads_with_pretrained_cfg_overlay(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = vit(img_size=32).eval()  # a "fine-tuned" model: fc_norm + head
+    src = save_like_mae(tmp_path / "checkpoint-best.pth", model.state_dict(), model="vit_tiny_patch4", lr=1e-3)
+    out = tmp_path / "vit_timm.safetensors"
+    # the default format from the name; heads cannot be read off weights
+    tool(src, out, "--to", "timm", "--num_heads", "3")
+    assert not zipfile.is_zipfile(out)  # real safetensors, not a torch zip under that name
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+    call = capsys.readouterr().out.split("load strictly with ", 1)[1].strip()
+    assert call.startswith("timm.create_model(") and f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}" in call
+    ref = eval(call, {"timm": timm}).eval()  # the very call the tool prints
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), model(x), atol=1e-6)
+    target = vit(img_size=32)
+    convert.load_encoder(target, str(out))  # and back through the repo's own loader
+    assert torch.equal(target.head.weight, model.head.weight)
+
+
+def test_encoder_exports_load_into_timm_vit_strictly(pretrained, tmp_path, capsys):
+    model, path = pretrained
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # the encoder on every patch (mask ratio 0, patches in order), after its final norm
+        feats, _, _ = model.forward_encoder(x, mask_ratio=0.0, noise=torch.arange(16.0).expand(2, -1))
+    for name, extra in (("enc.pth", ()), ("enc.safetensors", ()), ("enc.bin", ("--format", "safetensors"))):
+        tool(path, tmp_path / name, "--to", "encoder", *extra)
+        assert zipfile.is_zipfile(tmp_path / name) == (name == "enc.pth")
+        call = capsys.readouterr().out.split("load strictly into ", 1)[1].strip()
+        vit_timm = eval(call, {"timm": timm}).eval()
+        sd = convert.state_dict_of(serialization.load_torch(str(tmp_path / name)), name)
+        vit_timm.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            assert torch.allclose(vit_timm.forward_features(x), feats[-1], atol=1e-5)
+
+    torch.manual_seed(1)
+    finetuned = vit().eval()  # global pool: fc_norm is its final norm, kept in the encoder export
+    src = save_like_mae(tmp_path / "ft.pth", finetuned.state_dict(), model="vit_tiny_patch4")
+    tool(src, tmp_path / "ft_enc.safetensors", "--to", "encoder", "--num_heads", "3")
+    call = capsys.readouterr().out.split("load strictly into ", 1)[1].strip()
+    assert "global_pool='avg'" in call and "num_classes=0" in call
+    vit_timm = eval(call, {"timm": timm}).eval()
+    vit_timm.load_state_dict(serialization.load_torch(str(tmp_path / "ft_enc.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(vit_timm(x), finetuned.forward_head(finetuned.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_reference_release_saved_like_mae_converts_to_ours_safetensors(pretrained, tmp_path):
+    model, _ = pretrained
+    src = save_like_mae(tmp_path / "deepmim_release.pth", convert.ours_to_reference(model.state_dict()),
+                        model="mae_vit_base_patch16", norm_pix_loss=True, clip_path="/path/to/clip", lr=None)
+    tool(src, tmp_path / "ours.safetensors", "--to", "ours", "--ds_layers", "2,4", "--num_heads", "3",
+         "--decoder_num_heads", "2")
+    ckpt = serialization.load_torch(str(tmp_path / "ours.safetensors"))
+    assert ckpt["epoch"] == 1599 and ckpt["args"] == {"model": "mae_vit_base_patch16", "norm_pix_loss": True,
+                                                      "clip_path": "/path/to/clip", "lr": None}
+    rebuilt = models_deepmim.model_from_config(ckpt["model_cfg"])
+    rebuilt.load_state_dict(ckpt["model"], strict=True)
+    assert rebuilt.cfg == model.cfg
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
+    tool(src, tmp_path / "ours_torch.safetensors", "--to", "ours", "--ds_layers", "2,4", "--format", "torch")
+    assert zipfile.is_zipfile(tmp_path / "ours_torch.safetensors")  # --format wins over the name

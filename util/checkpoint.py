@@ -14,27 +14,24 @@ Iteration-based training (segmentation) adds ``'iteration'``: the optimizer step
 ``epoch`` is the last epoch the checkpoint covers completely (MAE: resume at ``epoch + 1``); a
 mid-epoch checkpoint stores the running epoch and the number of iterations already done in it.
 
-Every file is read by :func:`read_checkpoint`, the one reader: local files, ``.safetensors``, OpenAI's
-TorchScript CLIP archives and http(s) URLs, pickles with ``torch.load(weights_only=True)`` (a
-downloaded file cannot run code). Saves write a temporary file in the same directory, flush it to
-disk and ``os.replace`` it over the target, so a crash or ``kill -9`` never leaves a half-written
-checkpoint under a real name.
+Every file is read by :func:`read_checkpoint`, the one reader: local files, published names, URLs
+and hub names (``util/hub.py``); pickles with ``torch.load(weights_only=True)`` and MAE's
+``argparse.Namespace`` allowed, ``.safetensors``, OpenAI's TorchScript CLIP archives without
+``torch.jit`` (``util/serialization.py``): a downloaded file cannot run code. Saves write a temporary
+file in the same directory, flush it to disk and ``os.replace`` it over the target, so a crash or
+``kill -9`` never leaves a half-written checkpoint under a real name.
 """
 import errno
-import hashlib
 import logging
 import os
-import pickle
 import re
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from util import hub, serialization
 from util.errors import UserError
 
 _log = logging.getLogger(__name__)
@@ -117,68 +114,24 @@ def remove_stale_temps(output_dir: Path) -> List[Path]:
 # reading: the one reader
 
 
-def fetch_url(url: str, sha256: Optional[str] = None) -> str:
-    """Download ``url`` once into the torch hub cache (progress bar); verify ``sha256`` if given."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / (os.path.basename(urlparse(url).path) or "checkpoint.pth")
-    if not dest.exists():
-        _log.info("downloading %s to %s", url, dest)
-        try:
-            torch.hub.download_url_to_file(url, str(dest), progress=True)
-        except Exception as e:  # network errors come in many types
-            raise UserError(f"Could not download {url} ({e}). Offline? Download it elsewhere and pass the file.") from None
-    if sha256:
-        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-        if not digest.startswith(sha256.lower()):
-            raise UserError(f"{dest} has sha256 {digest}, expected {sha256}. Delete it to download again.")
-    return str(dest)
-
-
-def is_torchscript(path: str) -> bool:
-    """A TorchScript archive (OpenAI's CLIP release), told apart from a torch.save zip by content."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def read_checkpoint(source: str, sha256: Optional[str] = None, *, what: str = "PyTorch checkpoint",
-                    hint: str = "it may be truncated.", mmap: bool = False) -> Any:
-    """The object stored in a checkpoint: a local file, ``.safetensors`` or an http(s) URL.
-
-    Pickles are loaded with ``weights_only=True``; a TorchScript archive gives its state dict.
+def read_checkpoint(source: str, sha256: Optional[str] = None, *, what: Optional[str] = None, hint: str = "",
+                    mmap: bool = False) -> Any:
+    """The object stored in a checkpoint: a file, a published name, a URL or a hub name
+    (:func:`util.hub.resolve`), read without running code from it (:func:`util.serialization.load_torch`).
 
     Args:
-        what / hint: how messages about an unreadable file name it and what they advise.
+        sha256: expected digest of a download.
+        what / hint: how a message about an unreadable file names it and what it advises
+            (default: the generic message).
         mmap: map the tensors instead of reading them (cheap look at the non-tensor entries).
     """
-    path = fetch_url(source, sha256) if source.startswith(("http://", "https://")) else source
-    if not os.path.isfile(path):
-        raise UserError(f"Checkpoint {path!r} not found.")
+    path = hub.resolve(source, sha256)
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-
-            return load_safetensors(path, device="cpu")
-        if is_torchscript(path):
-            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships CLIP in it
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"{path!r} holds Python objects that a weights-only load refuses ({_first_line(e)}). It was not "
-            f"written by this repo or MAE; if you trust it, re-save its state dict with plain tensors."
-        ) from None
-    except Exception as e:  # truncated or foreign files fail in many ways (zip, index, EOF errors)
-        raise UserError(f"{path!r} could not be read as a {what} ({_first_line(e)}); {hint}") from None
+        return serialization.load_torch(path, mmap=mmap)
+    except serialization.UnreadableFile as e:
+        if what is None:
+            raise
+        raise UserError(f"{path!r} could not be read as a {what} ({e.detail}); {hint}") from None
 
 
 # --------------------------------------------------------------------------------------------

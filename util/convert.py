@@ -45,7 +45,7 @@ _OURS_TO_REF = {v: k for k, v in _REF_TO_OURS.items()}
 
 
 def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint (file, ``.safetensors`` or http(s) URL), unwrapped from
+    """Tensors of a checkpoint (any source :func:`util.checkpoint.read_checkpoint` reads), unwrapped from
     ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
     return state_dict_of(read_checkpoint(source, sha256), source)
 
