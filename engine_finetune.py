@@ -6,15 +6,18 @@ augmentation, never in how an epoch runs or how accuracy is counted. The loop is
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+import models_vit
 from util import checkpoint as ckpt_util
+from util import convert
 from util import dist as dist_util
 from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
 from util.datasets import AugConfig, FolderData, eval_loader, train_loader
+from util.errors import UserError
 from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
 from util.runner import Run
@@ -27,9 +30,9 @@ _log = logging.getLogger(__name__)
 class ClassifierFlags(FlagConfig):
     """The model and weights flags of fine-tuning and linear probing (MAE's names)."""
 
-    model: str = "vit_base_patch16"
+    model: Optional[str] = None  # None: the script's default, or with --eval the checkpoint's
     input_size: Optional[int] = None
-    global_pool: bool = True
+    global_pool: Optional[bool] = None
     nb_classes: Optional[int] = None
     finetune: str = ""
     finetune_sha256: Optional[str] = None
@@ -170,26 +173,64 @@ class ClassificationJob(Job):
         return {**self.test, "max_accuracy": self.max_accuracy}
 
 
-def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
-                       optim: OptimConfig, train_set, val_set, saved_args: Dict[str, Any]) -> Dict[str, Any]:
-    """``--eval`` (evaluate the checkpoint and return), or train with the :class:`ClassificationJob`.
+def eval_sources(run: Run, c: ClassifyConfig) -> Tuple[Optional[str], Optional[str]]:
+    """``--eval``: (the checkpoint whose model to rebuild, the checkpoint to load strictly).
 
-    ``--eval`` reads ``--resume`` (else the furthest checkpoint in ``--output_dir``, else the
-    ``--finetune`` weights already in ``model``); any file holding ``{'model': ...}`` works, MAE's
-    released fine-tuned weights included.
+    ``--resume FILE`` is loaded as it is (its head included), ``--finetune FILE`` through the encoder
+    loader (a fine-tuned file's head included); without either, the furthest checkpoint in
+    ``--output_dir``.
+    """
+    if c.train.resume:
+        return c.train.resume, c.train.resume
+    if c.model.finetune:
+        return c.model.finetune, None
+    if not c.train.auto_resume:
+        return None, None
+    found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
+    found = dist_util.broadcast_object(str(found) if found else None)
+    return found, found
+
+
+def checkpoint_flags(m: ClassifierFlags, source: str) -> ClassifierFlags:
+    """The model flags with what ``source`` stores filled in where the command line gives none
+    (``models_vit.checkpoint_spec``); a flag that contradicts the file stops with both values."""
+    ckpt = convert.read_encoder(source)
+    spec, saved = models_vit.checkpoint_spec(ckpt), ckpt.saved_args
+    pool = None if m.global_pool is None else ("avg" if m.global_pool else "token")
+    given = {"--model": (m.model, spec["model"]), "--input_size": (m.input_size, spec["input_size"]),
+             "--nb_classes": (m.nb_classes, spec["num_classes"] or saved.get("nb_classes")),
+             "--global_pool / --cls_token": (pool, spec["global_pool"])}
+    for flag, (value, stored) in given.items():
+        if value is not None and stored is not None and value != stored:
+            raise UserError(f"{flag} {value} contradicts {source}, which holds {stored}: drop {flag} to evaluate the "
+                            f"checkpoint as it was trained, or pass the checkpoint that fits {flag} {value}.")
+    if spec["model"] is None and m.model is None:
+        raise UserError(f"{source} holds a ViT of width {ckpt.arch['embed_dim']} and patch "
+                        f"{spec['patch_size']} that no registered model has: pass --model.")
+    return m.replace(model=m.model or spec["model"], input_size=m.input_size or spec["input_size"],
+                     nb_classes=m.nb_classes or spec["num_classes"] or saved.get("nb_classes"),
+                     global_pool=spec["global_pool"] == "avg" if m.global_pool is None else m.global_pool,
+                     probe_layer=m.probe_layer or saved.get("probe_layer"))
+
+
+def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+                       optim: OptimConfig, train_set, val_set, saved_args: Dict[str, Any],
+                       eval_path: Optional[str] = None) -> Dict[str, Any]:
+    """``--eval`` (evaluate and return), or train with the :class:`ClassificationJob`.
+
+    ``eval_path``: the checkpoint ``--eval`` loads strictly into ``model`` (:func:`eval_sources`); any
+    file holding ``{'model': ...}`` works, MAE's released fine-tuned weights included. None: the
+    ``--finetune`` weights already in ``model``.
     """
     train, device = c.train, run.device
     pin = train.pin_mem and device.type == "cuda"
     eval_rank, eval_world = (run.info.rank, run.info.world_size) if c.model.dist_eval else (0, 1)
     val_loader = eval_loader(val_set, train.batch_size, eval_rank, eval_world, train.num_workers, pin)
     if c.model.eval:
-        path: Optional[str] = train.resume or None
-        if path is None and train.auto_resume:
-            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
-            path = dist_util.broadcast_object(str(found) if found else None)
-        if path is not None:
-            ckpt_util.load_training_state(ckpt_util.read_checkpoint(path), path, model)
-            _log.info("evaluating %s", path)
+        if eval_path is not None:
+            convert.load_model_state(model, convert.model_state_of(ckpt_util.read_checkpoint(eval_path), eval_path),
+                                     eval_path)
+            _log.info("evaluating %s", eval_path)
         elif not c.model.finetune:
             _log.warning("--eval without --resume / --finetune: evaluating a randomly initialised model")
         return evaluate_and_report(run, model, val_loader, c.model.dist_eval)

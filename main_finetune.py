@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
-from engine_finetune import ClassifyConfig, classification_loss, run_classification
+from engine_finetune import ClassifyConfig, checkpoint_flags, classification_loss, eval_sources, run_classification
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, finetune_transform
@@ -27,9 +27,12 @@ from util.runner import Run, start_run
 _log = logging.getLogger("main_finetune")
 
 
+DEFAULT_MODEL = "vit_base_patch16"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DeepMIM fine-tuning for image classification")
-    add_classification_args(p, model="vit_base_patch16", epochs=50, batch_size=64, global_pool=True)
+    add_classification_args(p, model=DEFAULT_MODEL, epochs=50, batch_size=64, global_pool=True)
     p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
     p.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (BEiT / MAE)")
     add_optim_args(p, blr=1e-3, weight_decay=0.05, warmup_epochs=5)
@@ -63,13 +66,18 @@ def main(args: argparse.Namespace) -> dict:
 
 def finetune(run: Run, c: ClassifyConfig) -> dict:
     m, aug = c.model, c.aug
-    input_size = m.input_size or models_vit.native_size(m.model)
+    source, eval_path = eval_sources(run, c) if m.eval else (None, None)
+    if source:  # --eval rebuilds the model the checkpoint holds
+        m = checkpoint_flags(m, source)
+    name = m.model or DEFAULT_MODEL
+    global_pool = True if m.global_pool is None else m.global_pool
+    input_size = m.input_size or models_vit.native_size(name)
     train_set, val_set, nb_classes = classification_datasets(
         c.train.data_path, finetune_transform(input_size, aug), eval_transform(input_size), m.nb_classes,
         need_train=not m.eval)
 
-    model = models_vit.create_model(m.model, num_classes=nb_classes, img_size=input_size,
-                                    drop_path_rate=m.drop_path, global_pool="avg" if m.global_pool else "token")
+    model = models_vit.create_model(name, num_classes=nb_classes, img_size=input_size,
+                                    drop_path_rate=m.drop_path, global_pool="avg" if global_pool else "token")
     if m.finetune and not c.train.resume:
         missing, _ = load_encoder(model, m.finetune, m.finetune_sha256)
         if "head.weight" in missing:
@@ -91,11 +99,12 @@ def finetune(run: Run, c: ClassifyConfig) -> dict:
         criterion = LabelSmoothingCrossEntropy(smoothing=aug.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", m.model,
+    _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", name,
               nb_classes, eff_batch, optim.lr, optim.lr * 256 / eff_batch, m.layer_decay, run.amp_dtype)
-    saved = run.resolved_args(c.flags, input_size=input_size, nb_classes=nb_classes, lr=optim.lr)
+    saved = run.resolved_args(c.flags, model=name, input_size=input_size, global_pool=global_pool,
+                              nb_classes=nb_classes, lr=optim.lr)
     return run_classification(run, c, model, optimizer, classification_loss(criterion, mixup_fn), optim, train_set,
-                              val_set, saved)
+                              val_set, saved, eval_path)
 
 
 if __name__ == "__main__":

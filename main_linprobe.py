@@ -19,7 +19,7 @@ from timm.optim import Lars
 from torch import nn
 
 import models_vit
-from engine_finetune import ClassifyConfig, classification_loss, run_classification
+from engine_finetune import ClassifyConfig, checkpoint_flags, classification_loss, eval_sources, run_classification
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
 from util.datasets import classification_datasets, eval_transform, linprobe_transform
@@ -60,9 +60,12 @@ class LinearProbe(nn.Module):
         return self.head(feats.float())
 
 
+DEFAULT_MODEL = "vit_base_patch16"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DeepMIM linear probing")
-    add_classification_args(p, model="vit_base_patch16", epochs=90, batch_size=512, global_pool=False)
+    add_classification_args(p, model=DEFAULT_MODEL, epochs=90, batch_size=512, global_pool=False)
     p.add_argument("--probe_layer", default=None, type=int, help="encoder block to probe, 1-based (default: the last)")
     add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10)
     add_run_args(p)
@@ -78,12 +81,17 @@ def main(args: argparse.Namespace) -> dict:
 
 def linprobe(run: Run, c: ClassifyConfig) -> dict:
     m = c.model
-    input_size = m.input_size or models_vit.native_size(m.model)
+    source, eval_path = eval_sources(run, c) if m.eval else (None, None)
+    if source:  # --eval rebuilds the probe the checkpoint holds
+        m = checkpoint_flags(m, source)
+    name = m.model or DEFAULT_MODEL
+    global_pool = False if m.global_pool is None else m.global_pool
+    input_size = m.input_size or models_vit.native_size(name)
     train_set, val_set, nb_classes = classification_datasets(
         c.train.data_path, linprobe_transform(input_size, c.aug.crop_scale, c.aug.hflip), eval_transform(input_size),
         m.nb_classes, need_train=not m.eval)
 
-    encoder = models_vit.create_model(m.model, num_classes=0, img_size=input_size, global_pool="token")
+    encoder = models_vit.create_model(name, num_classes=0, img_size=input_size, global_pool="token")
     if m.finetune and not c.train.resume:
         load_encoder(encoder, m.finetune, m.finetune_sha256)
     elif not (m.finetune or c.train.resume or m.eval):
@@ -91,8 +99,8 @@ def linprobe(run: Run, c: ClassifyConfig) -> dict:
     depth = len(encoder.blocks)
     probe_layer = m.probe_layer or depth
     if not 1 <= probe_layer <= depth:
-        raise UserError(f"--probe_layer {probe_layer} is outside 1..{depth} for {m.model}.")
-    model = LinearProbe(encoder, nb_classes, probe_layer, "avg" if m.global_pool else "token").to(run.device)
+        raise UserError(f"--probe_layer {probe_layer} is outside 1..{depth} for {name}.")
+    model = LinearProbe(encoder, nb_classes, probe_layer, "avg" if global_pool else "token").to(run.device)
 
     eff_batch = c.train.batch_size * c.train.accum_iter * run.info.world_size
     optim = c.optim.resolved(eff_batch)
@@ -101,13 +109,13 @@ def linprobe(run: Run, c: ClassifyConfig) -> dict:
     optimizer = Lars([{"params": [linear.weight], "weight_decay": optim.weight_decay, "always_adapt": True},
                       {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
                      lr=optim.lr, momentum=0.9)
-    _log.info("%s: probing layer %d (%s) for %d classes; effective batch %d; lr %.3e (blr %.3e)", m.model,
-              probe_layer, "avg pool" if m.global_pool else "cls token", nb_classes, eff_batch, optim.lr,
+    _log.info("%s: probing layer %d (%s) for %d classes; effective batch %d; lr %.3e (blr %.3e)", name,
+              probe_layer, "avg pool" if global_pool else "cls token", nb_classes, eff_batch, optim.lr,
               optim.lr * 256 / eff_batch)
-    saved = run.resolved_args(c.flags, input_size=input_size, nb_classes=nb_classes, probe_layer=probe_layer,
-                              lr=optim.lr)
+    saved = run.resolved_args(c.flags, model=name, input_size=input_size, global_pool=global_pool,
+                              nb_classes=nb_classes, probe_layer=probe_layer, lr=optim.lr)
     return run_classification(run, c, model, optimizer, classification_loss(nn.CrossEntropyLoss()), optim, train_set,
-                              val_set, saved)
+                              val_set, saved, eval_path)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def _entry(size: str, patch_size: int, **defaults: Any):
         return build_vit(**{**ARCHS[size], "patch_size": patch_size, **defaults, **kwargs})
 
     factory.__doc__ = f"ViT-{size}/{patch_size} ({ARCHS[size]})."
+    factory.arch = {**ARCHS[size], "patch_size": patch_size}  # the sizes, readable without building the model
     return factory
 
 
@@ -146,6 +147,38 @@ def build_from(ckpt: convert.EncoderFile, name: Optional[str] = None, img_size: 
                           **kwargs)
     convert.load_encoder_state(model, sd, ckpt.source, tuple(allowed_missing))
     return model
+
+
+def registered_name(embed_dim: int, depth: int, patch_size: int, at_least: bool = False) -> Optional[str]:
+    """The registered name of a ViT of this width, depth (``at_least``: this many blocks or more) and patch
+    size, or None."""
+    for name in MODELS.names():
+        arch = MODELS.get(name).arch
+        if (arch["embed_dim"], arch["patch_size"]) == (embed_dim, patch_size) and (
+                arch["depth"] >= depth if at_least else arch["depth"] == depth):
+            return name
+    return None
+
+
+def checkpoint_spec(ckpt: convert.EncoderFile) -> Dict[str, Any]:
+    """What a checkpoint says about the ViT it holds: its registered ``model`` name (None if it has
+    none), ``input_size``, ``patch_size``, ``global_pool`` and ``num_classes`` (None without a head).
+
+    This repo's files store them in ``args``; for others (MAE's released weights) they are read off
+    the weights: the position grid gives the input size, ``fc_norm`` without ``norm`` means global
+    average pooling, the head's rows the classes.
+    """
+    args, arch, sd = ckpt.saved_args, ckpt.arch, ckpt.state
+    name = args.get("model") if args.get("model") in MODELS else registered_name(
+        arch["embed_dim"], arch["depth"], arch["patch_size"])
+    pool = args.get("global_pool")
+    if isinstance(pool, bool):
+        pool = "avg" if pool else "token"
+    else:
+        pool = "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token"
+    head = sd.get("head.weight")
+    return dict(model=name, input_size=int(args.get("input_size") or arch["img_size"]), patch_size=arch["patch_size"],
+                global_pool=pool, num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else None)
 
 
 def native_size(name: str) -> int:

@@ -118,12 +118,11 @@ def _config_value(config: str, name: str, default: Any = None) -> Any:
 
 def _registered_name(embed_dim: int, depth: int, patch: int) -> str:
     """The models_vit name of a ViT with this width and patch size and at least ``depth`` blocks."""
-    for size, arch in models_vit.ARCHS.items():
-        name = f"vit_{size}_patch{patch}"
-        if arch["embed_dim"] == embed_dim and arch["depth"] >= depth and name in models_vit.MODELS:
-            return name
-    raise UserError(f"no registered ViT has width {embed_dim}, patch {patch} and {depth}+ blocks "
-                    f"({', '.join(models_vit.MODELS.names())}).")
+    name = models_vit.registered_name(embed_dim, depth, patch, at_least=True)
+    if name is None:
+        raise UserError(f"no registered ViT has width {embed_dim}, patch {patch} and {depth}+ blocks "
+                        f"({', '.join(models_vit.MODELS.names())}).")
+    return name
 
 
 def from_mmseg(obj: Dict[str, Any]) -> Dict[str, Any]:

@@ -36,6 +36,7 @@ from Segmentation.models import (  # noqa: E402
     seg_cross_entropy,
 )
 from util import checkpoint as ckpt_util  # noqa: E402
+from util import convert  # noqa: E402
 from util import dist as dist_util  # noqa: E402
 from util.cli import add_run_args, str2list  # noqa: E402
 from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
@@ -278,7 +279,7 @@ def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) ->
         ckpt: Dict[str, Any] = {}
         if path is not None:
             ckpt = ckpt_util.read_checkpoint(path)
-            ckpt_util.load_training_state(ckpt, path, model)
+            convert.load_model_state(model, convert.model_state_of(ckpt, path), path)
         else:
             _log.warning("--eval without a checkpoint (--resume, or one in --output_dir): the heads are random")
         stats = validate(run, model, val_loader, test_cfg, names, int(ckpt.get("iteration", 0)))

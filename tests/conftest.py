@@ -1,9 +1,12 @@
 """Shared fixtures: a private data cache, small image folders, a tiny random CLIP on disk, and a
-helper that runs the real scripts in real processes."""
+helper that runs the real scripts in real processes, a local HTTP server and download cache."""
+import functools
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,29 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """An HTTP server in a thread serving ``tmp_path / 'www'``; records the paths requested."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.root, httpd.requests, httpd.base = root, requests, f"http://127.0.0.1:{httpd.server_port}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPMIM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "checkpoints"

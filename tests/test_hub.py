@@ -1,11 +1,8 @@
 """Weights by name, URL and Hugging Face hub id (util.hub), from a local server and a local hub cache."""
-import functools
 import hashlib
-import http.server
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,32 +11,6 @@ from conftest import ROOT
 
 from util import hub
 from util.errors import UserError
-
-
-@pytest.fixture()
-def server(tmp_path):
-    """An HTTP server in a thread serving ``tmp_path / 'www'``; records the paths requested."""
-    root = tmp_path / "www"
-    root.mkdir()
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            requests.append(self.path)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.root, httpd.requests, httpd.base = root, requests, f"http://127.0.0.1:{httpd.server_port}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEEPMIM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "checkpoints"
 
 
 def weights_file(path: Path) -> str:

@@ -95,8 +95,9 @@ class Bench:
             groups, betas, size = weight_decay_groups(self.model, 0.05), (0.9, 0.95), cfg.img_size
             self.mask_ratio = args.mask_ratio
         else:
-            size = args.input_size or models_vit.native_size(args.model)
-            self.model = models_vit.create_model(args.model, num_classes=1000, img_size=size,
+            name = args.model or main_finetune.DEFAULT_MODEL
+            size = args.input_size or models_vit.native_size(name)
+            self.model = models_vit.create_model(name, num_classes=1000, img_size=size,
                                                  drop_path_rate=args.drop_path).to(self.device)
             groups, betas = layer_decay_groups(self.model, 0.05, args.layer_decay), (0.9, 0.999)
             self.labels = torch.randint(0, 1000, (self.batch,), device=self.device)

@@ -1,7 +1,12 @@
-"""What the analysis tools share: the checkpoints they compare, their labels and the encoder flags."""
+"""What the tools share: the checkpoints they compare, their labels and the encoder flags; reading a
+released pre-training checkpoint (reference DeepMIM, MAE) as this repo's model."""
 import argparse
-from typing import List
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from models_deepmim import DeepMIMConfig, default_ds_layers
+from util import convert
 from util.errors import UserError
 
 
@@ -23,3 +28,18 @@ def checkpoint_names(args: argparse.Namespace) -> List[str]:
     if len(set(names)) != len(names):
         raise UserError("--names must be distinct (they key the results).")
     return names
+
+
+def release_to_ours(sd: Dict[str, torch.Tensor], source: str, ds_layers: Optional[Sequence[int]] = None,
+                    num_heads: Optional[int] = None, decoder_num_heads: Optional[int] = None
+                    ) -> Tuple[str, Dict[str, torch.Tensor], DeepMIMConfig]:
+    """A reference DeepMIM / MAE pre-training state dict -> (its layout, our names, the model config).
+
+    The reference's decoders k = 1..N belong to ``ds_layers`` (default: 6, 8, 10, 12 for depth 12); MAE's
+    one decoder to the last layer.
+    """
+    kind = convert.require_layout(sd, ("reference", "mae"), source)
+    depth = convert.infer_encoder_config(sd)["depth"]
+    layers = ds_layers or ((depth,) if kind == "mae" else default_ds_layers(depth))
+    ours = convert.reference_to_ours(sd, layers)
+    return kind, ours, DeepMIMConfig(**convert.infer_pretrain_config(ours, num_heads, decoder_num_heads))

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models_deepmim import DeepMIMConfig, default_ds_layers  # noqa: E402
+from tools.common import release_to_ours  # noqa: E402
 from util import convert, serialization  # noqa: E402
 from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 from util.cli import str2list  # noqa: E402
@@ -108,11 +108,7 @@ def main(args: argparse.Namespace) -> None:
     heads = args.num_heads or model_cfg.get("num_heads")
     fmt = args.format or ("safetensors" if str(args.dst).endswith(".safetensors") else "torch")
     if args.to == "ours":
-        kind = convert.require_layout(sd, ("reference", "mae"), args.src)
-        depth = convert.infer_encoder_config(sd)["depth"]
-        layers = args.ds_layers or ((depth,) if kind == "mae" else default_ds_layers(depth))
-        out_sd = convert.reference_to_ours(sd, layers)
-        cfg = DeepMIMConfig(**convert.infer_pretrain_config(out_sd, args.num_heads, args.decoder_num_heads))
+        kind, out_sd, cfg = release_to_ours(sd, args.src, args.ds_layers, args.num_heads, args.decoder_num_heads)
         out = {"model": out_sd, "epoch": int(meta.get("epoch", -1)), "args": meta.get("args", {}) if isinstance(
             meta.get("args"), dict) else {}, "model_cfg": cfg.to_dict()}
         what = f"{kind} release -> ours (decoders of layers {list(cfg.ds_layers)})"

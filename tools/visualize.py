@@ -16,8 +16,9 @@ own random masking with noise drawn from ``--seed``, so the figure is reproducib
   every patch (-1 .. 1; masked patches outlined), which needs the CLIP weights (``--clip_path``,
   default: the checkpoint's own ``clip_path`` flag).
 
-The checkpoint must be a pre-training checkpoint of this repo (``model_cfg`` inside); convert a
-reference DeepMIM / MAE release first with ``tools/convert_checkpoint.py --to ours``.
+The checkpoint is a pre-training checkpoint of this repo (``model_cfg`` inside) or a reference
+DeepMIM / MAE release with its decoders (renamed on load, as ``tools/convert_checkpoint.py --to ours``
+does).
 """
 import argparse
 import itertools
@@ -32,6 +33,8 @@ import torch  # noqa: E402
 import models_deepmim  # noqa: E402
 from targets.losses import LOSSES  # noqa: E402
 from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify  # noqa: E402
+from tools.common import release_to_ours  # noqa: E402
+from util import convert  # noqa: E402
 from util.checkpoint import read_checkpoint  # noqa: E402
 from util.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
@@ -54,15 +57,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_pretrained(path: str) -> Tuple[models_deepmim.DeepMIM, Dict[str, Any]]:
     """The DeepMIM model of a pre-training checkpoint (eval mode) and the checkpoint's ``args``."""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a pre-training checkpoint of this repo (no 'model_cfg'). Convert a "
-                        f"reference DeepMIM / MAE release with tools/convert_checkpoint.py --to ours first.")
-    model = models_deepmim.model_from_config(ckpt["model_cfg"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit its model_cfg ({str(e).splitlines()[0]}).") from None
-    return model.eval(), dict(ckpt.get("args") or {})
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_cfg"), dict) and "model" in ckpt:
+        model, sd = models_deepmim.model_from_config(ckpt["model_cfg"]), convert.model_state_of(ckpt, path)
+    else:  # a reference DeepMIM / MAE release: renamed on the way in
+        sd = convert.state_dict_of(ckpt, path)
+        if convert.layout(sd) not in ("reference", "mae"):
+            raise UserError(f"{path} is not a pre-training checkpoint of this repo (with 'model_cfg') nor a reference "
+                            f"DeepMIM / MAE release with its decoders: it holds the {convert.layout(sd)} layout.")
+        _, sd, cfg = release_to_ours(sd, path)
+        model = models_deepmim.DeepMIM(cfg)
+    convert.load_model_state(model, sd, path)
+    return model.eval(), dict(ckpt.get("args") or {}) if isinstance(ckpt, dict) else {}
 
 
 def pick_images(data_path: str, size: int, num_images: int) -> torch.Tensor:

@@ -214,19 +214,9 @@ def estimated_size(model: nn.Module, optimizer_states_per_param: int = 2) -> int
     return state + optimizer_states_per_param * trainable
 
 
-def load_training_state(ckpt: Dict[str, Any], path: str, model: nn.Module,
-                        optimizer: Optional[torch.optim.Optimizer] = None,
-                        scaler: Optional[torch.amp.GradScaler] = None) -> None:
-    """Load a training checkpoint into model (strictly) / optimizer / scaler, with clear errors."""
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
-    try:
-        unwrap(model).load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"Checkpoint {path} was written for a different model or flags: "
-            f"{str(e).splitlines()[0]} ... Pass the flags it was trained with, or use a fresh --output_dir."
-        ) from None
+def load_optimizer_state(ckpt: Dict[str, Any], path: str, optimizer: Optional[torch.optim.Optimizer] = None,
+                         scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """Load a training checkpoint's optimizer and loss-scaler state (the weights: ``util.convert.load_model_state``)."""
     if optimizer is not None and ckpt.get("optimizer"):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])

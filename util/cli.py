@@ -75,17 +75,26 @@ def add_classification_args(parser: argparse.ArgumentParser, model: str, epochs:
     parser.add_argument("--epochs", default=epochs, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation iterations")
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default=model, type=str, metavar="MODEL", help="registered ViT name")
-    m.add_argument("--input_size", default=None, type=int, help="image size (default: the model's, 224 or 32)")
-    m.add_argument("--global_pool", action="store_true", help="average-pool the patch tokens")
-    m.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the cls token")
-    parser.set_defaults(global_pool=global_pool)
-    m.add_argument("--nb_classes", default=None, type=int, help="classes (default: the number of class folders)")
+    # None: not given (the default below, or with --eval what the checkpoint stores)
+    m.add_argument("--model", default=None, type=str, metavar="MODEL",
+                   help=f"registered ViT name (default: {model}; with --eval: the checkpoint's)")
+    m.add_argument("--input_size", default=None, type=int,
+                   help="image size (default: the model's, 224 or 32; with --eval: the checkpoint's)")
+    m.add_argument("--global_pool", action="store_true", default=None,
+                   help=f"average-pool the patch tokens{' (default)' if global_pool else ''}")
+    m.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help=f"use the cls token{'' if global_pool else ' (default)'}")
+    m.add_argument("--nb_classes", default=None, type=int,
+                   help="classes (default: the number of class folders; with --eval: the checkpoint's head)")
     m.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
     f = parser.add_argument_group("weights and evaluation")
-    f.add_argument("--finetune", default="", help="pre-trained checkpoint: file, .safetensors or http(s) URL")
+    f.add_argument("--finetune", default="",
+                   help="pre-trained weights: a file (this repo's, MAE's, the reference DeepMIM's, timm / .safetensors), a "
+                        "published name (e.g. mae_pretrain_vit_base), an http(s) URL or hf-hub:ORG/NAME")
     f.add_argument("--finetune_sha256", default=None, help="expected sha256 (prefix) of a downloaded --finetune")
-    f.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on data_path/val")
+    f.add_argument("--eval", action="store_true",
+                   help="only evaluate --resume (its head), else --finetune, else the newest checkpoint in --output_dir, "
+                        "on data_path/val, with the model the checkpoint stores")
     f.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (each image once)")
     f.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range (timm's default; small images such as digits want ~0.5 1)")

@@ -70,6 +70,14 @@ def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def model_state_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
+    """The weights a model was saved with: a checkpoint's ``'model'`` entry key for key (a linear
+    probe's ``encoder.*`` names stay), else :func:`state_dict_of` (released files of other layouts)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return {k: v for k, v in obj["model"].items() if torch.is_tensor(v)}
+    return state_dict_of(obj, source)
+
+
 def layout(sd: Dict[str, torch.Tensor]) -> str:
     """``'ours'``, ``'reference'``, ``'mae'``, ``'encoder'`` or ``'unknown'`` for a state dict."""
     has_encoder = "patch_embed.proj.weight" in sd and any(k.startswith("blocks.") for k in sd)
@@ -191,6 +199,9 @@ def adapt_to_vit(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, tor
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_prefix_tokens=1)
         _log.info("position embedding resized from %s to %s", tuple(old), tuple(sd["pos_embed"].shape))
     for k in [k for k in sd if k.startswith(HEAD_PREFIXES)]:
+        if k in target and target[k].shape != sd[k].shape:
+            _log.warning("%s has shape %s in the checkpoint but %s in the model (another class count): it starts "
+                         "from a new initialisation", k, tuple(sd[k].shape), tuple(target[k].shape))
         if k not in target or target[k].shape != sd[k].shape:
             del sd[k]
     return sd
@@ -215,22 +226,59 @@ def load_encoder_state(model: nn.Module, sd: Dict[str, torch.Tensor], source: st
     """:func:`load_encoder` for a state dict already read from ``source``."""
     require_layout(sd, ("ours", "reference", "mae", "encoder"), repr(source))
     sd = adapt_to_vit(sd, model)
-    model_keys = set(model.state_dict())
-    for k, v in list(sd.items()):
-        if k in model_keys and model.state_dict()[k].shape != v.shape:
-            raise UserError(
-                f"{source}: {k} has shape {tuple(v.shape)} but the model expects "
-                f"{tuple(model.state_dict()[k].shape)}. Pick the --model that matches the checkpoint."
-            )
+    target = model.state_dict()
+    shapes = [k for k, v in sd.items() if k in target and target[k].shape != v.shape]
+    if shapes:
+        raise UserError(f"{source} does not fit the model (pick the --model that matches the checkpoint): "
+                        f"{describe_mismatch(target, sd, keys=False)}")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
     if missing:
         raise UserError(
-            f"{source} lacks {len(missing)} encoder weight(s) of this model (e.g. {', '.join(missing[:4])}); "
-            f"refusing to start from a partly random encoder. Check --model against the checkpoint."
+            f"{source} lacks {len(missing)} encoder weight(s) of this model: {', '.join(missing)}; refusing to start "
+            f"from a partly random encoder. Check --model against the checkpoint."
         )
     _log.info("loaded %s: missing %s, unexpected %s", source, result.missing_keys, result.unexpected_keys)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def describe_mismatch(model_sd: Dict[str, torch.Tensor], file_sd: Dict[str, torch.Tensor], keys: bool = True) -> str:
+    """Every difference between a model's state dict and a file's, uncut: missing and unexpected keys
+    (with ``keys``) and every shape difference (``key has shape (file) but the model expects (model)``)."""
+    parts = []
+    if keys:
+        missing = [k for k in model_sd if k not in file_sd]
+        unexpected = [k for k in file_sd if k not in model_sd]
+        if missing:
+            parts.append(f"missing from the file ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"not in the model ({len(unexpected)}): {', '.join(unexpected)}")
+    shapes = [f"{k} has shape {tuple(v.shape)} but the model expects {tuple(model_sd[k].shape)}" for k, v in file_sd.items()
+              if k in model_sd and tuple(model_sd[k].shape) != tuple(v.shape)]
+    if shapes:
+        parts.append(f"{len(shapes)} other shape(s): {'; '.join(shapes)}")
+    return ". ".join(parts) + "." if parts else "no difference."
+
+
+def load_model_state(model: nn.Module, sd: Dict[str, torch.Tensor], source: str) -> bool:
+    """Load a training checkpoint's weights into ``model`` strictly; every difference is named.
+
+    A pre-training model of this repo (it has ``decoders``) also takes the reference DeepMIM's and
+    MAE's decoder names, renamed on the way in. Returns whether the file was in the model's own
+    layout (only then does its optimizer state belong to these parameters).
+    """
+    target = model.state_dict()
+    own = True
+    if any(k.startswith("decoders.") for k in target) and layout(sd) in ("reference", "mae"):
+        layers = sorted({int(k.split(".")[1]) for k in target if k.startswith("decoders.")})
+        sd, own = reference_to_ours(sd, layers), False
+    if set(sd) != set(target) or any(tuple(sd[k].shape) != tuple(v.shape) for k, v in target.items()):
+        raise UserError(
+            f"Checkpoint {source} was written for a different model or flags ({describe_mismatch(target, sd)}) "
+            f"Pass the flags it was trained with, or use a fresh --output_dir."
+        )
+    model.load_state_dict(sd, strict=True)
+    return own
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from util import checkpoint as ckpt_util
+from util import convert
 from util import dist as dist_util
 from util.config import TrainConfig
 from util.errors import UserError
@@ -439,7 +440,11 @@ class Trainer:
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
         job.check_resume(ckpt, path)
-        ckpt_util.load_training_state(ckpt, path, job.model, job.optimizer, job.scaler)
+        if convert.load_model_state(job.model, convert.model_state_of(ckpt, path), path):
+            ckpt_util.load_optimizer_state(ckpt, path, job.optimizer, job.scaler)
+        else:  # the parameter order of another code base's optimizer state is not ours
+            _log.warning("%s is in another layout (converted on load): its optimizer state is not carried over; "
+                         "the optimizer starts afresh at the stored position", path)
         job.load_extra_state(ckpt)
         partial = ckpt.get("partial") or {}
         if not cfg.by_epoch:
