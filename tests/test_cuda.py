@@ -63,6 +63,11 @@ def batch(n: int = 8, seed: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.
     return imgs.to(CUDA), noise.to(CUDA), PixelTarget(32, 4, norm_pix=True)(imgs).to(CUDA)
 
 
+def clip_teacher(tiny_clip, dtype: torch.dtype = torch.float32) -> CLIPTeacher:
+    """The tiny CLIP tower (32 px, patch 4, width 64) as main_pretrain builds it: on the GPU, in ``dtype``."""
+    return CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"]))).to(device=CUDA, dtype=dtype)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
@@ -219,8 +224,8 @@ def test_fused_adamw_equals_foreach_with_loss_scaling():
         assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
         scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
         for step in range(3):
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g * scaler.get_scale()
+            for p, g in zip(model.parameters(), scaler.scale(grads)):  # what backward of the scaled loss gives
+                p.grad = g
             if step == 1:
                 next(model.parameters()).grad.view(-1)[0] = float("inf")
             scaler.step(opt)
@@ -266,8 +271,8 @@ def test_student_attention_takes_a_fused_kernel_forward_and_backward():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_teacher_runs_in_inference_mode_with_fused_attention(tiny_clip, dtype):
-    """As main_pretrain builds it: the CLIP tower on the GPU in the amp dtype, called through compute_targets."""
-    teacher = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"]))).to(device=CUDA, dtype=dtype)
+    """Called through compute_targets, as the training step calls it."""
+    teacher = clip_teacher(tiny_clip, dtype)
     assert not any(p.requires_grad for p in teacher.parameters())
     imgs = torch.randn(4, 3, 32, 32, device=CUDA, requires_grad=True)  # a graph would reach back to these
     low = None if dtype == torch.float32 else dtype
@@ -283,7 +288,7 @@ def test_teacher_runs_in_inference_mode_with_fused_attention(tiny_clip, dtype):
 
 
 def test_compiled_teacher_equals_eager(tiny_clip):
-    teacher = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"]))).to(CUDA)
+    teacher = clip_teacher(tiny_clip)
     imgs = torch.randn(4, 3, 32, 32, device=CUDA)
     with ieee_fp32():
         eager = compute_targets({"clip": teacher}, imgs)["clip"]
@@ -299,7 +304,7 @@ def test_compiled_teacher_equals_eager(tiny_clip):
 def test_training_steps_do_not_wait_for_the_gpu(tiny_clip, dtype):
     """CLIP targets, forward, loss, backward and fused AdamW (through GradScaler for fp16): the host
     never waits, so 3 and 6 steps make the same number of syncs (none)."""
-    teacher = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"]))).to(device=CUDA, dtype=dtype)
+    teacher = clip_teacher(tiny_clip, dtype)
     model = tiny(pred_dims=(32,) * 4, losses=("cosine",) * 4)
     opt = adamw(weight_decay_groups(model, 0.05), 1e-4, betas=(0.9, 0.95), device=CUDA)
     scaler = make_scaler(CUDA, dtype)
