@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= output_dir/demo
 SEG_DEMO ?= output_dir/seg_demo
+GPU_CHECK ?= output_dir/gpu_check
 
-.PHONY: install demo seg-demo test lint clean experiments
+.PHONY: install demo seg-demo test lint clean experiments gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +31,18 @@ seg-demo: install
 experiments: install
 	$(BIN)/python tools/run_experiments.py --output_dir experiments --work_dir output_dir/experiments
 
+# CPU only: the tests marked cuda are skipped here, with the reason; `make gpu-check` runs them on a GPU
 test: install
 	$(BIN)/python -m pytest -q
+
+# the prepared GPU check (tools/GPU_CHECK.md): the cuda tests and the ViT-B benchmark rows into $(GPU_CHECK);
+# DRY_RUN=1 runs every line of it on CPU with tiny settings
+gpu-check: install
+	PYTHON=$(BIN)/python bash tools/gpu_check.sh $(if $(DRY_RUN),--dry-run) $(GPU_CHECK)
+
+# the wheels an offline GPU machine lacks, at the versions installed here, into .whl/ (needs PyPI)
+gpu-wheels: install
+	$(BIN)/python tools/gpu_check.py wheels .whl
 
 lint: install
 	$(BIN)/ruff check .

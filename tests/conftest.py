@@ -15,6 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+CUDA_SKIP = "needs a CUDA GPU: tools/gpu_check.sh runs these on one (tools/GPU_CHECK.md)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(pytest.mark.skip(reason=CUDA_SKIP))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
