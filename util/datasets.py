@@ -8,6 +8,10 @@
 * Reproducible randomness: the training sampler yields ``(index, seed)`` pairs, and each sample's
   augmentation is seeded from (base seed, epoch, index). A resumed run therefore sees exactly the
   crops an uninterrupted run would have seen, whatever the number of workers.
+* :class:`FolderData`: the step-counted training data source (``batches(start_step)``) over a
+  folder; ``util.shards.ShardData`` is the same over tar shards, ``util.data`` picks one.
+* A transform with ``accepts_encoded`` (``util.decode.DecodeTransform``: ``pretrain_transform(size,
+  decode='auto')``) gets the file's bytes and decodes them itself (faster JPEG path).
 """
 import logging
 import os
@@ -15,12 +19,13 @@ import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
+from util.decode import DecodeTransform, read_encoded
 from util.errors import UserError
 from util.misc import derive_seed, seed_everything
 from util.preempt import worker_init
@@ -112,8 +117,10 @@ def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
             f"{split} folder {str(root)!r} does not exist. --data_path must contain {split}/<class>/<image> "
             f"(the ImageNet layout), or be 'digits' for the built-in dataset."
         )
+    # a transform that decodes itself (util.decode) gets the file's bytes
+    loader = read_encoded if getattr(transform, "accepts_encoded", False) else _load_image
     try:
-        ds = datasets.ImageFolder(str(root), transform=transform, loader=_load_image)
+        ds = datasets.ImageFolder(str(root), transform=transform, loader=loader)
     except FileNotFoundError as e:
         raise UserError(
             f"No images found in {str(root)!r} ({e}). Expected one sub-folder per class holding images "
@@ -122,16 +129,28 @@ def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
     return ds
 
 
-def pretrain_transform(input_size: int) -> transforms.Compose:
-    """MAE's pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalize."""
-    return transforms.Compose(
+def with_decode(transform, decode: str = "auto"):
+    """``transform`` as is for ``decode='pil'`` (PIL decodes the whole image first: the reference),
+    else wrapped in :class:`util.decode.DecodeTransform` (``auto``: the fast path for JPEGs, the
+    reference for every other format; ``nvjpeg``: GPU decoding). Works for the pre-training, linear
+    probing and timm fine-tuning transforms (all start with a random resized crop)."""
+    return transform if decode == "pil" else DecodeTransform(transform, decode)
+
+
+def pretrain_transform(input_size: int, decode: str = "auto"):
+    """MAE's pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalize.
+
+    ``decode``: see :func:`with_decode`. The default only changes how JPEG bytes are decoded; PIL
+    images and every other format get exactly the reference's output.
+    """
+    return with_decode(transforms.Compose(
         [
             transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
-    )
+    ), decode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +229,46 @@ def train_loader(
         collate_fn=collate_fn,
         worker_init_fn=partial(worker_init, os.getpid()),
     )
+
+
+class FolderData:
+    """A training data source over an ImageFolder, counted in global steps (``util.data.TrainData``).
+
+    The batches are exactly those of the epoch loop it replaces: per epoch ``e``,
+    ``loader.sampler.set_epoch(e, skip=skip * batch_size)`` then the loader, with ``skip`` the steps
+    already done in the resumed epoch. ``steps_per_epoch`` is counted at skip 0 (``len(loader)``
+    shrinks with the skip).
+
+    Args:
+        dataset: the training ImageFolder (its transform applied under each sample's seed).
+        finish: applied to the images of each batch in this process (the GPU decode stage of
+            ``--decode nvjpeg``, ``util.decode.nvjpeg_finisher``); None: batches as the loader makes them.
+        Others: as :func:`train_loader`.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int,
+                 pin_mem: bool, collate_fn=None, finish: Optional[Callable[[List[Any]], Any]] = None) -> None:
+        self.loader = train_loader(dataset, batch_size, rank, world_size, seed, num_workers, pin_mem, collate_fn)
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.loader)
+        self.num_samples = len(dataset)
+        self.finish = finish
+
+    def batches(self, start_step: int = 0) -> Iterator:
+        """Every batch from global step ``start_step`` on, epoch after epoch, without end."""
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.loader.sampler.set_epoch(epoch, skip=skip * self.batch_size)
+            for batch in self.loader:
+                yield finish_images(batch, self.finish)
+            epoch, skip = epoch + 1, 0
+
+
+def finish_images(batch, finish: Optional[Callable[[List[Any]], Any]]):
+    """``batch`` with ``finish`` applied to its images (first element) when there is one."""
+    if finish is None:
+        return batch
+    return (finish(batch[0]), *batch[1:])
 
 
 class ShardSampler(Sampler):
