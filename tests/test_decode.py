@@ -9,17 +9,22 @@ from PIL import Image
 from torchvision import transforms
 
 from util.datasets import IMAGENET_STD, finetune_transform, image_folder, pretrain_transform, with_decode
-from util.decode import (EXACT_MEAN_TOLERANCE, REDUCED_MEAN_TOLERANCE, DecodeTransform, EncodedImage, PendingJPEG,
-                         collate, decode_jpeg, decode_pending, mean_abs_diff, nvjpeg_finisher, reduction)
+from util.decode import (
+    EXACT_MEAN_TOLERANCE,
+    REDUCED_MEAN_TOLERANCE,
+    DecodeTransform,
+    EncodedImage,
+    PendingJPEG,
+    collate,
+    decode_jpeg,
+    decode_pending,
+    mean_abs_diff,
+    nvjpeg_finisher,
+    reduction,
+)
 from util.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def jpeg(size, idx=0, quality=90, mode="RGB") -> EncodedImage:

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -49,6 +50,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("DEEPMIM_CACHE") or Path.home() / ".cache" / "deepmim")
 
 
+@contextmanager
+def building(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to write a built-in dataset into, renamed to ``dest`` when
+    the block succeeds: an interrupted or concurrent build never leaves a half-written folder (when
+    another process finished first, its copy is kept)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: keep its copy
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_digits(root: Path) -> Path:
     """Write scikit-learn's digits as ``root/digits/{train,val}/<class>/<id>.png`` once; return the folder.
 
@@ -63,11 +82,9 @@ def build_digits(root: Path) -> Path:
     dest = root / BUILTIN
     if (dest / "train").is_dir() and (dest / "val").is_dir():
         return dest
-    root.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     rng = np.random.RandomState(0)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
-    try:
+    with building(dest) as tmp:
         for cls in range(10):
             idx = np.flatnonzero(digits.target == cls)
             rng.shuffle(idx)
@@ -79,13 +96,6 @@ def build_digits(root: Path) -> Path:
                     pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
                     img = Image.fromarray(pixels, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC)
                     img.convert("RGB").save(folder / f"{i:04d}.png")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: keep its copy
-            if not (dest / "train").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _log.info("built-in digits written to %s", dest)
     return dest
 

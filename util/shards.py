@@ -50,9 +50,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -62,7 +60,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from util.datasets import build_digits, cache_root, finish_images, image_folder
+from util.datasets import build_digits, building, cache_root, finish_images, image_folder
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
 from util.misc import derive_seed, seed_everything
@@ -285,17 +283,9 @@ def build_digits_shards(root: Path) -> Path:
     if all((dest / f"{split}.json").is_file() for split in SPLITS):
         return dest
     digits = build_digits(root)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-shards-", dir=root))
-    try:
+    with building(dest) as tmp:
         for split in SPLITS:
             write_shards(digits, tmp, split, DIGITS_SHARD_SIZE)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: keep its copy
-            if not (dest / "train.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _log.info("built-in digits shards written to %s", dest)
     return dest
 
