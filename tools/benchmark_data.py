@@ -23,14 +23,18 @@ an aspect of 4:3 or 3:2 (most ImageNet photos are 500 x 375 or 500 x 333), the r
 with 4:2:0 chroma subsampling. Their mean size and file size are printed (ImageNet's train set:
 about 400 x 350 on average, 110 KB).
 
-Every worker runs one thread (``OMP_NUM_THREADS=1`` in workers, as the DataLoader sets), so
-images/s per worker is images/s per core; with ``--workers 0`` the main process does the work.
+Every worker runs one thread (the DataLoader sets one torch thread in workers; run the tool with
+``OMP_NUM_THREADS=1``). Two rates are reported: images/s on the wall clock (the total), and images
+per CPU second of all the pipeline's processes (the main process and its workers, from ``/proc``),
+which is images/s per core and holds on a busy machine; with ``--workers 0`` the main process does
+the work.
 The pixel differences of the fast path to the reference (same random draws) are measured on the
 JPEGs too, and the share of crops decoded at reduced size.
 """
 import argparse
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -101,16 +105,38 @@ def build(source: str, root: Path, shard_dir: Path, transform, batch: int, worke
     return ShardData(open_shards(str(shard_dir), "train"), transform, batch, 0, 1, 0, workers, False)
 
 
-def measure(data, warmup: int, steps: int, batch: int) -> float:
-    """Images/s over ``steps`` batches after ``warmup`` (workers started, queues and buffers full)."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its live child processes (the loader workers).
+
+    The children's times come from ``/proc`` (Linux); elsewhere only this process counts.
+    """
+    total = time.process_time()
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., utime, stime
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure(data, warmup: int, steps: int, batch: int) -> Dict[str, float]:
+    """Images/s (wall clock) and images per CPU second (all processes of the pipeline) over ``steps``
+    batches after ``warmup`` (workers started, queues and buffers full)."""
     it = data.batches(0)
     try:
         for _ in range(warmup):
             next(it)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         for _ in range(steps):
             next(it)
-        return steps * batch / (time.perf_counter() - t)
+        wall, cpu = time.perf_counter() - t, cpu_seconds() - c
+        return {"images_s": steps * batch / wall, "images_cpu_s": steps * batch / max(cpu, 1e-9)}
     finally:
         it.close()  # shuts the workers down
 
@@ -157,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"shards: {spec}", flush=True)
 
     rows = [(src, dec) for src in args.sources for dec in args.decoders]
-    results: Dict[str, List[float]] = {}
+    results: Dict[str, List[Dict[str, float]]] = {}
     for r in range(args.rounds):
         for workers in args.workers:
             for src, dec in rows:
@@ -165,25 +191,31 @@ def main(args: argparse.Namespace) -> None:
                 data = build(src, root, shard_dir, tf, args.batch_size, workers)
                 rate = measure(data, args.warmup, args.steps, args.batch_size)
                 results.setdefault(f"{src}|{dec}|{workers}", []).append(rate)
-                print(f"round {r + 1}/{args.rounds} workers {workers} {src:6s} {dec:4s}: {rate:7.1f} images/s", flush=True)
+                print(f"round {r + 1}/{args.rounds} workers {workers} {src:6s} {dec:4s}: {rate['images_s']:7.1f} images/s, "
+                      f"{rate['images_cpu_s']:7.1f} images per CPU second", flush=True)
 
     print("checking the fast path's pixels against the reference ...", flush=True)
     check = pixel_check(root, args.input_size, args.check_images) if args.mode == "pretrain" else None
 
+    def median(key: str, what: str) -> float:
+        return statistics.median(r[what] for r in results[key])
+
     table = []
     for workers in args.workers:
-        ref = results.get(f"folder|pil|{workers}")
-        base = statistics.median(ref) if ref else None
+        ref = f"folder|pil|{workers}"
         for src, dec in rows:
-            total = statistics.median(results[f"{src}|{dec}|{workers}"])
-            table.append({"source": src, "decode": dec, "workers": workers, "images_s": total,
-                          "images_s_per_core": total / max(1, workers), "speedup": total / base if base else None})
-    print(f"\n{args.mode}, {args.input_size} px, batch {args.batch_size}, median of {args.rounds} rounds:")
-    print("| source | decode | workers | images/s | images/s per core | vs reference |")
+            key = f"{src}|{dec}|{workers}"
+            per_core = median(key, "images_cpu_s")
+            table.append({"source": src, "decode": dec, "workers": workers, "images_s": median(key, "images_s"),
+                          "images_cpu_s": per_core,
+                          "speedup_per_core": per_core / median(ref, "images_cpu_s") if ref in results else None})
+    print(f"\n{args.mode}, {args.input_size} px, batch {args.batch_size}, median of {args.rounds} rounds "
+          f"(per core: images per CPU second of all the pipeline's processes):")
+    print("| source | decode | workers | images/s | images/s per core | per core vs reference |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for t in table:
-        sp = f"{t['speedup']:.2f}x" if t["speedup"] else "-"
-        print(f"| {t['source']} | {t['decode']} | {t['workers']} | {t['images_s']:.0f} | {t['images_s_per_core']:.0f} | {sp} |")
+        sp = f"{t['speedup_per_core']:.2f}x" if t["speedup_per_core"] else "-"
+        print(f"| {t['source']} | {t['decode']} | {t['workers']} | {t['images_s']:.0f} | {t['images_cpu_s']:.0f} | {sp} |")
     if check:
         print(f"\nfast path on {args.check_images} crops: {check['paths_text']}")
         for k in ("exact", "reduced"):

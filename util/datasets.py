@@ -28,7 +28,7 @@ from torchvision import datasets, transforms
 
 from util.decode import DecodeTransform, read_encoded
 from util.errors import UserError
-from util.misc import derive_seed, seed_everything
+from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
 
 _log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         idx, seed = key
-        seed_everything(seed)
+        seed_host(seed)
         return self.base[idx]
 
 

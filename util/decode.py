@@ -106,6 +106,18 @@ def open_rgb(img: EncodedImage) -> Image.Image:
         raise _bad_image(img, e) from None
 
 
+def jpeg_header(img: EncodedImage) -> Optional[Tuple[int, int]]:
+    """A JPEG's (width, height) from its header, or None when libjpeg cannot give RGB (CMYK, YCCK)."""
+    try:
+        if simplejpeg is not None:  # a few microseconds; PIL parses every marker (~50 us and more)
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(img.data)
+            return None if colorspace in ("CMYK", "YCCK") else (w, h)
+        head = Image.open(io.BytesIO(img.data))
+        return head.size if head.mode in ("RGB", "L") else None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise _bad_image(img, e) from None
+
+
 def reduction(box_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> int:
     """The largest DCT reduction (8, 4, 2, else 1) that keeps a ``box_hw`` crop at least ``out_hw``."""
     for s in REDUCTIONS:
@@ -224,18 +236,15 @@ class DecodeTransform:
             return self.transform(img)
         if self.decode == "pil" or self.crop is None or not is_jpeg(img.data):
             return self._reference(img)
-        try:
-            head = Image.open(io.BytesIO(img.data))  # header only: size and mode, no pixels yet
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise _bad_image(img, e) from None
-        if head.mode not in ("RGB", "L"):  # CMYK / YCCK: PIL's own conversion to RGB
+        size = jpeg_header(img)
+        if size is None:  # CMYK / YCCK: PIL's own conversion to RGB
             return self._reference(img)
-        box, flip = self.draw(head)
+        box, flip = self.draw(size)
         if self.decode == "nvjpeg":
             self.stats["nvjpeg"] += 1
             return PendingJPEG(torch.frombuffer(bytearray(img.data), dtype=torch.uint8), box, flip)
         try:
-            x, s = fast_resized_crop(img, head.size, box, self.out_hw, self.crop.interpolation)
+            x, s = fast_resized_crop(img, size, box, self.out_hw, self.crop.interpolation)
         except (OSError, ValueError) as e:
             raise _bad_image(img, e) from None
         self.stats[f"fast/{s}"] += 1
@@ -244,11 +253,14 @@ class DecodeTransform:
         _, mean, std = self.tail
         return _normalize(x.flip(-1) if flip else x, mean, std)
 
-    def draw(self, head: Image.Image) -> Tuple[Tuple[int, int, int, int], Optional[bool]]:
-        """The random draws of the reference for an image of ``head``'s size, in its order: the crop
-        box (top, left, height, width) by the crop's own ``get_params``, then, with the pre-training
-        tail, the flip (torchvision's RandomHorizontalFlip draws ``torch.rand(1) < p``); else None."""
-        box = tuple(int(v) for v in self.crop.get_params(head, self.crop.scale, self.crop.ratio))
+    def draw(self, size_wh: Tuple[int, int]) -> Tuple[Tuple[int, int, int, int], Optional[bool]]:
+        """The random draws of the reference for an image of ``size_wh`` (width, height), in its order:
+        the crop box (top, left, height, width) by the crop's own ``get_params``, then, with the
+        pre-training tail, the flip (torchvision's RandomHorizontalFlip draws ``torch.rand(1) < p``);
+        else None."""
+        # get_params only reads the size: an expanded one-element tensor stands in for the image
+        stand_in = torch.empty(1, 1, 1).expand(3, size_wh[1], size_wh[0])
+        box = tuple(int(v) for v in self.crop.get_params(stand_in, self.crop.scale, self.crop.ratio))
         flip = bool(torch.rand(1) < self.tail[0]) if self.tail is not None else None
         return box, flip
 

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from util.datasets import build_digits, building, cache_root, finish_images, image_folder
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
-from util.misc import derive_seed, seed_everything
+from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
 
 _log = logging.getLogger(__name__)
@@ -501,7 +501,7 @@ class ShardData:
             items = []
             for _ in range(self.batch_size):
                 i, sample = next(samples)
-                seed_everything(derive_seed(self.seed, epoch, i))  # as SeededDataset does for folders
+                seed_host(derive_seed(self.seed, epoch, i))  # as SeededDataset does for folders
                 img, label = decode_sample(sample, self.shards.spec, self.transform)
                 items.append((img, label, i) if self.return_ids else (img, label))
             yield collate(items)
