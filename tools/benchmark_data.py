@@ -194,8 +194,10 @@ def main(args: argparse.Namespace) -> None:
                 print(f"round {r + 1}/{args.rounds} workers {workers} {src:6s} {dec:4s}: {rate['images_s']:7.1f} images/s, "
                       f"{rate['images_cpu_s']:7.1f} images per CPU second", flush=True)
 
-    print("checking the fast path's pixels against the reference ...", flush=True)
-    check = pixel_check(root, args.input_size, args.check_images) if args.mode == "pretrain" else None
+    check = None
+    if args.mode == "pretrain":
+        print("checking the fast path's pixels against the reference ...", flush=True)
+        check = pixel_check(root, args.input_size, args.check_images)
 
     def median(key: str, what: str) -> float:
         return statistics.median(r[what] for r in results[key])
