@@ -26,7 +26,7 @@ made:
    images (about 500 x 375) never offer, so on ImageNet at 224 it mostly applies to the large
    images; at lower resolutions (and for bigger photographs) it applies often;
 2. without reduction, the box is resized by torchvision's uint8 antialiased resize, which
-   reproduces PIL's bicubic / bilinear filter (mean difference under 0.2 grey levels) about three
+   reproduces PIL's bicubic / bilinear filter (mean difference under 0.3 grey levels) about three
    times faster; with one, PIL resamples the exact fractional box of the reduced image;
 3. flip, ToTensor and Normalize run on the uint8 tensor with the reference's own arithmetic.
 
