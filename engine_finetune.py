@@ -16,7 +16,8 @@ from util import checkpoint as ckpt_util
 from util import convert
 from util import dist as dist_util
 from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.datasets import AugConfig, FolderData, eval_loader, train_loader
+from util.data import classification_data as build_classification_data
+from util.datasets import AugConfig, with_decode
 from util.errors import UserError
 from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
@@ -213,8 +214,18 @@ def checkpoint_flags(m: ClassifierFlags, source: str) -> ClassifierFlags:
                      probe_layer=m.probe_layer or saved.get("probe_layer"))
 
 
+def classification_data(run: Run, c: ClassifyConfig, train_transform, val_transform) -> Tuple[Any, Any, int]:
+    """(training source, validation reader, number of classes) of ``--data_path`` (folder or shards);
+    no training source with ``--eval``."""
+    t = c.train
+    return build_classification_data(
+        t.data_path, with_decode(train_transform, t.decode), val_transform, c.model.nb_classes, not c.model.eval,
+        t.batch_size, run.info.rank, run.info.world_size, c.run.seed, t.num_workers,
+        t.pin_mem and run.device.type == "cuda", c.model.dist_eval, t.shuffle_buffer, run.device)
+
+
 def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
-                       optim: OptimConfig, train_set, val_set, saved_args: Dict[str, Any],
+                       optim: OptimConfig, data, val_loader, saved_args: Dict[str, Any],
                        eval_path: Optional[str] = None) -> Dict[str, Any]:
     """``--eval`` (evaluate and return), or train with the :class:`ClassificationJob`.
 
@@ -223,9 +234,6 @@ def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer:
     ``--finetune`` weights already in ``model``.
     """
     train, device = c.train, run.device
-    pin = train.pin_mem and device.type == "cuda"
-    eval_rank, eval_world = (run.info.rank, run.info.world_size) if c.model.dist_eval else (0, 1)
-    val_loader = eval_loader(val_set, train.batch_size, eval_rank, eval_world, train.num_workers, pin)
     if c.model.eval:
         if eval_path is not None:
             convert.load_model_state(model, convert.model_state_of(ckpt_util.read_checkpoint(eval_path), eval_path),
@@ -234,13 +242,9 @@ def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer:
         elif not c.model.finetune:
             _log.warning("--eval without --resume / --finetune: evaluating a randomly initialised model")
         return evaluate_and_report(run, model, val_loader, c.model.dist_eval)
-    loader = train_loader(train_set, train.batch_size, run.info.rank, run.info.world_size, c.run.seed,
-                          train.num_workers, pin)
-    data = FolderData(train_set, loader, train.batch_size)
     schedule = cosine_schedule(optim.lr, optim.min_lr, optim.warmup_epochs, train.epochs, data.steps_per_epoch)
     job = ClassificationJob(run, model, optimizer, make_scaler(device, run.amp_dtype), loss_fn, schedule, val_loader,
                             c.model.dist_eval)
     trainer = Trainer(run, job, data, epoch_trainer_config(train, c.run.seed, data.steps_per_epoch), saved_args)
-    _log.info("%d training / %d validation images, %d iterations per epoch", len(train_set), len(val_set),
-              data.steps_per_epoch)
+    _log.info("%d training images, %d iterations per epoch", data.num_samples, data.steps_per_epoch)
     return trainer.fit()

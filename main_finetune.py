@@ -8,6 +8,7 @@
         --data_path /imagenet
 """
 import argparse
+import dataclasses
 import logging
 
 import torch
@@ -16,10 +17,17 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
-from engine_finetune import ClassifyConfig, checkpoint_flags, classification_loss, eval_sources, run_classification
+from engine_finetune import (
+    ClassifyConfig,
+    checkpoint_flags,
+    classification_data,
+    classification_loss,
+    eval_sources,
+    run_classification,
+)
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
-from util.datasets import classification_datasets, eval_transform, finetune_transform
+from util.datasets import eval_transform, finetune_transform
 from util.misc import run_cli
 from util.optim import adamw, layer_decay_groups
 from util.runner import Run, start_run
@@ -72,9 +80,8 @@ def finetune(run: Run, c: ClassifyConfig) -> dict:
     name = m.model or DEFAULT_MODEL
     global_pool = True if m.global_pool is None else m.global_pool
     input_size = m.input_size or models_vit.native_size(name)
-    train_set, val_set, nb_classes = classification_datasets(
-        c.train.data_path, finetune_transform(input_size, aug), eval_transform(input_size), m.nb_classes,
-        need_train=not m.eval)
+    data, val_loader, nb_classes = classification_data(run, dataclasses.replace(c, model=m),
+                                                       finetune_transform(input_size, aug), eval_transform(input_size))
 
     model = models_vit.create_model(name, num_classes=nb_classes, img_size=input_size,
                                     drop_path_rate=m.drop_path, global_pool="avg" if global_pool else "token")
@@ -103,8 +110,8 @@ def finetune(run: Run, c: ClassifyConfig) -> dict:
               nb_classes, eff_batch, optim.lr, optim.lr * 256 / eff_batch, m.layer_decay, run.amp_dtype)
     saved = run.resolved_args(c.flags, model=name, input_size=input_size, global_pool=global_pool,
                               nb_classes=nb_classes, lr=optim.lr)
-    return run_classification(run, c, model, optimizer, classification_loss(criterion, mixup_fn), optim, train_set,
-                              val_set, saved, eval_path)
+    return run_classification(run, c, model, optimizer, classification_loss(criterion, mixup_fn), optim, data,
+                              val_loader, saved, eval_path)
 
 
 if __name__ == "__main__":

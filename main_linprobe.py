@@ -11,6 +11,7 @@ paper's claim that deep supervision improves shallow layers is checked with it.
         --dist_eval --data_path /imagenet
 """
 import argparse
+import dataclasses
 import logging
 
 import torch
@@ -19,10 +20,17 @@ from timm.optim import Lars
 from torch import nn
 
 import models_vit
-from engine_finetune import ClassifyConfig, checkpoint_flags, classification_loss, eval_sources, run_classification
+from engine_finetune import (
+    ClassifyConfig,
+    checkpoint_flags,
+    classification_data,
+    classification_loss,
+    eval_sources,
+    run_classification,
+)
 from util.cli import add_classification_args, add_optim_args, add_run_args
 from util.convert import load_encoder
-from util.datasets import classification_datasets, eval_transform, linprobe_transform
+from util.datasets import eval_transform, linprobe_transform
 from util.errors import UserError
 from util.misc import run_cli
 from util.runner import Run, start_run
@@ -87,9 +95,9 @@ def linprobe(run: Run, c: ClassifyConfig) -> dict:
     name = m.model or DEFAULT_MODEL
     global_pool = False if m.global_pool is None else m.global_pool
     input_size = m.input_size or models_vit.native_size(name)
-    train_set, val_set, nb_classes = classification_datasets(
-        c.train.data_path, linprobe_transform(input_size, c.aug.crop_scale, c.aug.hflip), eval_transform(input_size),
-        m.nb_classes, need_train=not m.eval)
+    data, val_loader, nb_classes = classification_data(
+        run, dataclasses.replace(c, model=m), linprobe_transform(input_size, c.aug.crop_scale, c.aug.hflip),
+        eval_transform(input_size))
 
     encoder = models_vit.create_model(name, num_classes=0, img_size=input_size, global_pool="token")
     if m.finetune and not c.train.resume:
@@ -114,8 +122,8 @@ def linprobe(run: Run, c: ClassifyConfig) -> dict:
               optim.lr * 256 / eff_batch)
     saved = run.resolved_args(c.flags, model=name, input_size=input_size, global_pool=global_pool,
                               nb_classes=nb_classes, probe_layer=probe_layer, lr=optim.lr)
-    return run_classification(run, c, model, optimizer, classification_loss(nn.CrossEntropyLoss()), optim, train_set,
-                              val_set, saved, eval_path)
+    return run_classification(run, c, model, optimizer, classification_loss(nn.CrossEntropyLoss()), optim, data,
+                              val_loader, saved, eval_path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from targets.base import Target, TargetConfig, describe_targets
 from targets.registry import TARGETS, build_targets
 from util.cli import add_optim_args, add_run_args, str2list
 from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.datasets import FolderData, image_folder, pretrain_transform, resolve_data_path, train_loader
+from util.data import build_train_data
+from util.datasets import pretrain_transform
 from util.lr_sched import cosine_schedule
 from util.misc import make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
@@ -148,10 +149,9 @@ def pretrain(run: Run, c: PretrainConfig) -> dict:
     device, amp_dtype, train = run.device, run.amp_dtype, c.train
     cfg, targets, layer_targets = build_model_and_targets(c.model, c.targets, device, amp_dtype, train.compile)
 
-    dataset = image_folder(resolve_data_path(train.data_path) / "train", pretrain_transform(cfg.img_size), "training")
-    loader = train_loader(dataset, train.batch_size, run.info.rank, run.info.world_size, c.run.seed, train.num_workers,
-                          train.pin_mem and device.type == "cuda")
-    data = FolderData(dataset, loader, train.batch_size)
+    data = build_train_data(train.data_path, pretrain_transform(cfg.img_size, train.decode), train.batch_size,
+                            run.info.rank, run.info.world_size, c.run.seed, train.num_workers,
+                            train.pin_mem and device.type == "cuda", train.shuffle_buffer, device)
 
     model = models_deepmim.DeepMIM(cfg).to(device)
     eff_batch = train.batch_size * train.accum_iter * run.info.world_size
@@ -172,7 +172,7 @@ def pretrain(run: Run, c: PretrainConfig) -> dict:
     _log.info("model %s: %s", c.model.model, cfg.to_dict())
     _log.info("targets: %s", describe_targets(targets, layer_targets))
     _log.info("%d training images; effective batch %d; lr %.3e (blr %.3e); amp %s; %d iterations/epoch",
-              len(dataset), eff_batch, optim.lr, optim.lr * 256 / eff_batch, amp_dtype, data.steps_per_epoch)
+              data.num_samples, eff_batch, optim.lr, optim.lr * 256 / eff_batch, amp_dtype, data.steps_per_epoch)
     return trainer.fit()
 
 

@@ -34,6 +34,16 @@ def data_cache(tmp_path_factory):
     return cache
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread in this process, like the processes the tests start (OMP_NUM_THREADS=1):
+    busy-waiting threads of several processes on a shared 2-core machine slow everything down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_root(data_cache):
     from util.datasets import resolve_data_path

@@ -111,7 +111,7 @@ class Bench:
         pin = self.device.type == "cuda"
         self.host_batch = torch.randn(self.batch, 3, size, size).pin_memory() if pin else torch.randn(
             self.batch, 3, size, size)
-        self.loader = real_loader(args, size, mode) if bench_args.real_data else None
+        self.loader = real_loader(args, size, mode, self.device) if bench_args.real_data else None
         self.timer = Timer(self.device)
         self.times: List[Dict[str, float]] = []
         self.flops_per_image: Optional[float] = None
@@ -196,22 +196,15 @@ def random_clip_file(cfg) -> str:
     return str(path)
 
 
-def real_loader(args: argparse.Namespace, size: int, mode: str):
-    """The training loader the scripts use (``--data_path``), cycled forever."""
-    from util.datasets import (
-        AugConfig,
-        FolderData,
-        finetune_transform,
-        image_folder,
-        pretrain_transform,
-        resolve_data_path,
-        train_loader,
-    )
+def real_loader(args: argparse.Namespace, size: int, mode: str, device: torch.device):
+    """The training data the scripts read (``--data_path``, folder or shards, ``--decode``), without end."""
+    from util.data import build_train_data
+    from util.datasets import AugConfig, finetune_transform, pretrain_transform, with_decode
 
-    tf = pretrain_transform(size) if mode == "pretrain" else finetune_transform(size, AugConfig.from_flags(args))
-    ds = image_folder(resolve_data_path(args.data_path) / "train", tf, "training")
-    return FolderData(ds, train_loader(ds, args.batch_size, 0, 1, 0, args.num_workers, args.pin_mem),
-                      args.batch_size).batches(0)
+    tf = pretrain_transform(size, args.decode) if mode == "pretrain" else with_decode(
+        finetune_transform(size, AugConfig.from_flags(args)), args.decode)
+    return build_train_data(args.data_path, tf, args.batch_size, 0, 1, 0, args.num_workers, args.pin_mem,
+                            args.shuffle_buffer, device).batches(0)
 
 
 def peak_for(device: torch.device, override: Optional[float]) -> Optional[float]:

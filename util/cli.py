@@ -19,7 +19,8 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> None
     """
     g = parser.add_argument_group("run")
     g.add_argument("--data_path", default="digits", type=str,
-                   help="ImageFolder root with train/ (and val/) inside, or 'digits' for the built-in dataset")
+                   help="ImageFolder root with train/ (and val/) inside, 'digits' for the built-in dataset, or tar shards "
+                        "(a folder of shards made by tools/make_shards.py, brace notation, pipe: URLs; 'digits-shards')")
     g.add_argument("--output_dir", default="./output_dir", help="where checkpoints, log.txt and config.json go")
     g.add_argument("--log_dir", default=None, help="TensorBoard directory (default: --output_dir)")
     g.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
@@ -30,6 +31,12 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> None
     if by_epoch:
         g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch when not resuming")
     g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument("--decode", default="auto", choices=["auto", "pil", "nvjpeg"],
+                   help="image decoding: auto (JPEGs decoded at reduced size when the crop allows, libjpeg-turbo; "
+                        "other formats as pil), pil (the reference: PIL decodes every image whole), nvjpeg (JPEGs "
+                        "decoded on the GPU)")
+    g.add_argument("--shuffle_buffer", default=1000, type=int,
+                   help="tar shards (--data_path train-{000000..001023}.tar): samples each loader worker shuffles in")
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True, auto_resume=True)

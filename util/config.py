@@ -76,6 +76,8 @@ class TrainConfig(FlagConfig):
     start_epoch: int = 0
     num_workers: int = 10
     pin_mem: bool = True
+    decode: str = "auto"
+    shuffle_buffer: int = 1000
 
 
 @dataclass(frozen=True)

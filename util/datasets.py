@@ -8,15 +8,20 @@
 * Reproducible randomness: the training sampler yields ``(index, seed)`` pairs, and each sample's
   augmentation is seeded from (base seed, epoch, index). A resumed run therefore sees exactly the
   crops an uninterrupted run would have seen, whatever the number of workers.
+* :class:`FolderData`: the step-counted training data source (``batches(start_step)``) over a
+  folder; ``util.shards.ShardData`` is the same over tar shards, ``util.data`` picks one.
+* A transform with ``accepts_encoded`` (``util.decode.DecodeTransform``: ``pretrain_transform(size,
+  decode='auto')``) gets the file's bytes and decodes them itself (faster JPEG path).
 """
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -24,8 +29,9 @@ from torchvision import datasets, transforms
 
 from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.decode import DecodeTransform, read_encoded
 from util.errors import UserError
-from util.misc import derive_seed, seed_everything
+from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
 
 _log = logging.getLogger(__name__)
@@ -45,6 +51,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("DEEPMIM_CACHE") or Path.home() / ".cache" / "deepmim")
 
 
+@contextmanager
+def building(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to write a built-in dataset into, renamed to ``dest`` when
+    the block succeeds: an interrupted or concurrent build never leaves a half-written folder (when
+    another process finished first, its copy is kept)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: keep its copy
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_digits(root: Path) -> Path:
     """Write scikit-learn's digits as ``root/digits/{train,val}/<class>/<id>.png`` once; return the folder.
 
@@ -59,11 +83,9 @@ def build_digits(root: Path) -> Path:
     dest = root / BUILTIN
     if (dest / "train").is_dir() and (dest / "val").is_dir():
         return dest
-    root.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     rng = np.random.RandomState(0)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
-    try:
+    with building(dest) as tmp:
         for cls in range(10):
             idx = np.flatnonzero(digits.target == cls)
             rng.shuffle(idx)
@@ -75,13 +97,6 @@ def build_digits(root: Path) -> Path:
                     pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
                     img = Image.fromarray(pixels, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC)
                     img.convert("RGB").save(folder / f"{i:04d}.png")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: keep its copy
-            if not (dest / "train").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _log.info("built-in digits written to %s", dest)
     return dest
 
@@ -113,8 +128,10 @@ def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
             f"{split} folder {str(root)!r} does not exist. --data_path must contain {split}/<class>/<image> "
             f"(the ImageNet layout), or be 'digits' for the built-in dataset."
         )
+    # a transform that decodes itself (util.decode) gets the file's bytes
+    loader = read_encoded if getattr(transform, "accepts_encoded", False) else _load_image
     try:
-        ds = datasets.ImageFolder(str(root), transform=transform, loader=_load_image)
+        ds = datasets.ImageFolder(str(root), transform=transform, loader=loader)
     except FileNotFoundError as e:
         raise UserError(
             f"No images found in {str(root)!r} ({e}). Expected one sub-folder per class holding images "
@@ -123,16 +140,28 @@ def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
     return ds
 
 
-def pretrain_transform(input_size: int) -> transforms.Compose:
-    """MAE's pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalize."""
-    return transforms.Compose(
+def with_decode(transform, decode: str = "auto"):
+    """``transform`` as is for ``decode='pil'`` (PIL decodes the whole image first: the reference),
+    else wrapped in :class:`util.decode.DecodeTransform` (``auto``: the fast path for JPEGs, the
+    reference for every other format; ``nvjpeg``: GPU decoding). Works for the pre-training, linear
+    probing and timm fine-tuning transforms (all start with a random resized crop)."""
+    return transform if decode == "pil" else DecodeTransform(transform, decode)
+
+
+def pretrain_transform(input_size: int, decode: str = "auto"):
+    """MAE's pre-training augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalize.
+
+    ``decode``: see :func:`with_decode`. The default only changes how JPEG bytes are decoded; PIL
+    images and every other format get exactly the reference's output.
+    """
+    return with_decode(transforms.Compose(
         [
             transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
-    )
+    ), decode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +207,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         idx, seed = key
-        seed_everything(seed)
+        seed_host(seed)
         return self.base[idx]
 
 
@@ -214,23 +243,43 @@ def train_loader(
 
 
 class FolderData:
-    """The training data of the epoch-based scripts, read by global step (``util.trainer.TrainData``).
+    """A training data source over an ImageFolder, counted in global steps (``util.data.TrainData``).
 
-    Epoch ``e`` is one pass of :func:`train_loader`'s seeded, distributed sampler; a run resumed at
-    step ``s`` skips the first ``s % steps_per_epoch`` batches of its epoch without loading them.
+    The batches are exactly those of the epoch loop it replaces: per epoch ``e``,
+    ``loader.sampler.set_epoch(e, skip=skip * batch_size)`` then the loader, with ``skip`` the steps
+    already done in the resumed epoch. ``steps_per_epoch`` is counted at skip 0 (``len(loader)``
+    shrinks with the skip).
+
+    Args:
+        dataset: the training ImageFolder (its transform applied under each sample's seed).
+        finish: applied to the images of each batch in this process (the GPU decode stage of
+            ``--decode nvjpeg``, ``util.decode.nvjpeg_finisher``); None: batches as the loader makes them.
+        Others: as :func:`train_loader`.
     """
 
-    def __init__(self, dataset: Dataset, loader: DataLoader, batch_size: int) -> None:
-        self.dataset, self.loader, self.batch_size = dataset, loader, batch_size
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int,
+                 pin_mem: bool, collate_fn=None, finish: Optional[Callable[[List[Any]], Any]] = None) -> None:
+        self.loader = train_loader(dataset, batch_size, rank, world_size, seed, num_workers, pin_mem, collate_fn)
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.loader)
         self.num_samples = len(dataset)
-        self.steps_per_epoch = len(loader.sampler) // batch_size  # drop_last; the sampler has no skip yet
+        self.finish = finish
 
-    def batches(self, start_step: int) -> Iterator:
+    def batches(self, start_step: int = 0) -> Iterator:
+        """Every batch from global step ``start_step`` on, epoch after epoch, without end."""
         epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
             self.loader.sampler.set_epoch(epoch, skip=skip * self.batch_size)
-            yield from self.loader
+            for batch in self.loader:
+                yield finish_images(batch, self.finish)
             epoch, skip = epoch + 1, 0
+
+
+def finish_images(batch, finish: Optional[Callable[[List[Any]], Any]]):
+    """``batch`` with ``finish`` applied to its images (first element) when there is one."""
+    if finish is None:
+        return batch
+    return (finish(batch[0]), *batch[1:])
 
 
 class ShardSampler(Sampler):
@@ -357,13 +406,22 @@ def classification_datasets(data_path: str, train_transform, val_transform, nb_c
     root = resolve_data_path(data_path)
     val = image_folder(root / "val", val_transform, "validation")
     train = image_folder(root / "train", train_transform, "training") if need_train else None
-    found = len((train or val).classes)
-    if train is not None and train.classes != val.classes:
-        raise UserError(f"{root}/train and {root}/val have different class folders; they must match.")
-    if nb_classes is None:
-        nb_classes = found
-    elif nb_classes < found:
-        raise UserError(f"--nb_classes {nb_classes} but {root} has {found} class folders. Pass --nb_classes {found}.")
-    elif nb_classes > found:
-        _log.warning("--nb_classes %d but only %d class folders in %s", nb_classes, found, root)
+    nb_classes = check_classes(train.classes if train is not None else None, val.classes, nb_classes, str(root),
+                               "class folders")
     return train, val, nb_classes
+
+
+def check_classes(train: Optional[Sequence[str]], val: Sequence[str], nb_classes: Optional[int], where: str,
+                  what: str = "classes") -> int:
+    """The number of classes: ``--nb_classes``, else the classes found; train and val must agree, and a
+    head with fewer classes than the data is refused (labels would run past it)."""
+    found = len(train if train is not None else val)
+    if train is not None and list(train) != list(val):
+        raise UserError(f"{where}: the training and validation {what} differ; they must match.")
+    if nb_classes is None:
+        return found
+    if nb_classes < found:
+        raise UserError(f"--nb_classes {nb_classes} but {where} has {found} {what}. Pass --nb_classes {found}.")
+    if nb_classes > found:
+        _log.warning("--nb_classes %d but only %d %s in %s", nb_classes, found, what, where)
+    return nb_classes

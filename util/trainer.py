@@ -38,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ from util import checkpoint as ckpt_util
 from util import convert
 from util import dist as dist_util
 from util.config import TrainConfig
+from util.data import TrainData
 from util.errors import UserError
 from util.lr_sched import set_lr
 from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, seed_everything
@@ -57,15 +58,6 @@ _log = logging.getLogger(__name__)
 Batch = Tuple[torch.Tensor, ...]
 # loss_fn(model, batch) -> (loss to back-propagate, detached metrics [M] summed into the logs)
 LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
-
-
-class TrainData(Protocol):
-    """A training data source the trainer reads by global step."""
-
-    steps_per_epoch: int  # batches per process per epoch
-
-    def batches(self, start_step: int) -> Iterator[Batch]:
-        """Every batch from global step ``start_step`` on, epoch after epoch, without end."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The entry points of the input pipeline: ``--data_path`` -> a training source and an evaluation reader.
+
+``--data_path`` is an ImageFolder root (``train/<class>/<image>``, ``val/...``), the built-in
+``digits``, or tar shards (``util.shards``: a folder of shards, brace notation, ``pipe:`` URLs,
+``digits-shards``). Both kinds give the same two objects:
+
+* a :class:`TrainData` (:class:`util.datasets.FolderData` or :class:`util.shards.ShardData`),
+  counted in global steps, which resumes at a step;
+* an evaluation reader: each image once across ranks, no padding, ``(images, labels)`` batches.
+"""
+from typing import Iterable, Iterator, List, Optional, Protocol, Tuple
+
+import torch
+
+from util.datasets import FolderData, check_classes, classification_datasets, eval_loader, image_folder, resolve_data_path
+from util.decode import collate as decode_collate
+from util.decode import nvjpeg_finisher
+from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, open_shards
+
+
+class TrainData(Protocol):
+    """A training data source, counted in global steps (one step = one batch per process)."""
+
+    steps_per_epoch: int  # batches per process per epoch (drop_last)
+    num_samples: int  # images in the training set (for logs)
+
+    def batches(self, start_step: int) -> Iterator[Tuple[torch.Tensor, ...]]:
+        """Every batch from global step ``start_step`` on: epoch ``start_step // steps_per_epoch``,
+        skipping ``start_step % steps_per_epoch`` batches of it, then the following epochs, without
+        end (the trainer stops). Each batch is (images [B, 3, H, W] float normalized, labels [B] long)."""
+        ...
+
+
+def build_train_data(data_path: str, transform, batch_size: int, rank: int, world_size: int, seed: int,
+                     num_workers: int, pin_mem: bool, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                     device: Optional[torch.device] = None) -> TrainData:
+    """The training source of ``data_path`` (folder or shards, split ``train``).
+
+    Args:
+        transform: the training transform; ``util.datasets.pretrain_transform(size, decode)`` or any
+            transform wrapped by ``util.datasets.with_decode``.
+        batch_size: per process.
+        shuffle_buffer: shards only: samples each loader worker holds to shuffle.
+        device: the training device; needed by ``decode='nvjpeg'`` (the GPU decodes each batch).
+    """
+    finish = nvjpeg_finisher(transform, device)
+    if is_shard_spec(data_path):
+        return ShardData(open_shards(data_path, "train"), transform, batch_size, rank, world_size, seed, num_workers,
+                         pin_mem, shuffle_buffer=shuffle_buffer, finish=finish)
+    dataset = image_folder(resolve_data_path(data_path) / "train", transform, "training")
+    return FolderData(dataset, batch_size, rank, world_size, seed, num_workers, pin_mem,
+                      collate_fn=decode_collate if finish is not None else None, finish=finish)
+
+
+def build_eval_data(data_path: str, transform, batch_size: int, rank: int, world_size: int, num_workers: int,
+                    pin_mem: bool, split: str = "val") -> Iterable:
+    """The evaluation reader of ``data_path``'s ``split``: this rank's disjoint share, no padding
+    (``rank=0, world_size=1`` for the whole set). Iterating gives ``(images, labels)`` batches."""
+    if is_shard_spec(data_path):
+        return ShardEvalData(open_shards(data_path, split), transform, batch_size, rank, world_size, num_workers,
+                             pin_mem)
+    dataset = image_folder(resolve_data_path(data_path) / split, transform, "validation" if split == "val" else split)
+    return eval_loader(dataset, batch_size, rank, world_size, num_workers, pin_mem)
+
+
+def data_classes(data_path: str, split: str = "train") -> List[str]:
+    """The class names of ``data_path`` (folder names, or the shard index's list): ``--nb_classes``."""
+    if is_shard_spec(data_path):
+        return list(open_shards(data_path, split).classes)
+    return list(image_folder(resolve_data_path(data_path) / split, None, split).classes)
+
+
+def classification_data(data_path: str, train_transform, val_transform, nb_classes: Optional[int], need_train: bool,
+                        batch_size: int, rank: int, world_size: int, seed: int, num_workers: int, pin_mem: bool,
+                        dist_eval: bool, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                        device: Optional[torch.device] = None) -> Tuple[Optional[TrainData], Iterable, int]:
+    """Fine-tuning / linear probing data of ``data_path`` (folder or shards): (the training source, None
+    when ``need_train`` is False; the validation reader, this rank's share with ``dist_eval``; the number
+    of classes, ``--nb_classes`` checked against the data's)."""
+    eval_rank, eval_world = (rank, world_size) if dist_eval else (0, 1)
+    if is_shard_spec(data_path):
+        train_classes = list(open_shards(data_path, "train").classes) if need_train else None
+        nb_classes = check_classes(train_classes, list(open_shards(data_path, "val").classes), nb_classes, data_path)
+        train = build_train_data(data_path, train_transform, batch_size, rank, world_size, seed, num_workers, pin_mem,
+                                 shuffle_buffer, device) if need_train else None
+        return train, build_eval_data(data_path, val_transform, batch_size, eval_rank, eval_world, num_workers,
+                                      pin_mem), nb_classes
+    train_set, val_set, nb_classes = classification_datasets(data_path, train_transform, val_transform, nb_classes,
+                                                             need_train)
+    finish = nvjpeg_finisher(train_transform, device) if need_train else None
+    train = FolderData(train_set, batch_size, rank, world_size, seed, num_workers, pin_mem,
+                       collate_fn=decode_collate if finish is not None else None, finish=finish) if need_train else None
+    return train, eval_loader(val_set, batch_size, eval_rank, eval_world, num_workers, pin_mem), nb_classes
