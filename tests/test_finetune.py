@@ -7,6 +7,7 @@ import torch
 import main_finetune
 import main_linprobe
 import main_pretrain
+import models_deepmim
 import models_vit
 from tools.demo import FINETUNE as DEMO_FINETUNE  # noqa: E402
 from tools.demo import PRETRAIN as DEMO_PRETRAIN  # noqa: E402
@@ -22,6 +23,18 @@ def demo_checkpoint(tmp_path_factory):
     main_pretrain.main(main_pretrain.get_args_parser().parse_args([*DEMO_PRETRAIN, "--num_workers", "0",
                                                                     "--output_dir", str(out)]))
     return out / "checkpoint-last.pth"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random pre-training checkpoint of the demo's model: what the resume and probe tests start from
+    (they test the mechanics, not what pre-training learnt)."""
+    path = tmp_path_factory.mktemp("tiny_pretrain") / "checkpoint-0.pth"
+    torch.manual_seed(0)
+    cfg = models_deepmim.model_config("deepmim_vit_tiny_patch4", img_size=16, decoder_depth=1)
+    torch.save({"model": models_deepmim.DeepMIM(cfg).state_dict(), "epoch": 0, "args": {}, "model_cfg": cfg.to_dict()},
+               path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +66,10 @@ def test_eval_reproduces_the_logged_accuracy(finetuned, tmp_path):
     assert result["count"] == 359
 
 
-def test_finetune_resume_continues_and_keeps_the_best_accuracy(demo_checkpoint, small_folder, tmp_path):
-    common = ["--data_path", small_folder, "--model", "vit_tiny_patch4", "--device", "cpu", "--batch_size", "16",
-              "--num_workers", "0", "--finetune", demo_checkpoint, "--warmup_epochs", "1", "--log_every", "100",
-              "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--epochs", "2"]
+def test_finetune_resume_continues_and_keeps_the_best_accuracy(tiny_checkpoint, small_folder, tmp_path):
+    common = ["--data_path", small_folder, "--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu",
+              "--batch_size", "16", "--num_workers", "0", "--finetune", tiny_checkpoint, "--warmup_epochs", "1",
+              "--log_every", "100", "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--epochs", "2"]
     full = tmp_path / "full"
     finetune(*common, "--output_dir", full)
     part = tmp_path / "part"
@@ -69,12 +82,12 @@ def test_finetune_resume_continues_and_keeps_the_best_accuracy(demo_checkpoint, 
     assert a["max_accuracy"] == b["max_accuracy"]
 
 
-def test_linear_probe_of_layers_1_and_12(demo_checkpoint, tmp_path):
+def test_linear_probe_of_layers_1_and_12(tiny_checkpoint, tmp_path):
     results = {}
     for layer in (1, 12):
         args = main_linprobe.get_args_parser().parse_args(
             ["--data_path", "digits", "--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu", "--finetune",
-             str(demo_checkpoint), "--probe_layer", str(layer), "--epochs", "3", "--warmup_epochs", "0.5",
+             str(tiny_checkpoint), "--probe_layer", str(layer), "--epochs", "3", "--warmup_epochs", "0.5",
              "--batch_size", "64", "--lr", "10", "--num_workers", "0", "--output_dir", str(tmp_path / str(layer)),
              "--crop_scale", "0.8", "1", "--hflip", "0", "--log_every", "100"])
         results[layer] = main_linprobe.main(args)
@@ -86,7 +99,7 @@ def test_linear_probe_of_layers_1_and_12(demo_checkpoint, tmp_path):
     assert encoder_keys and "head.1.weight" in ckpt["model"] and "head.0.running_mean" in ckpt["model"]
 
 
-def test_linear_probe_needs_weights_and_a_valid_layer(demo_checkpoint, tmp_path):
+def test_linear_probe_needs_weights_and_a_valid_layer(tiny_checkpoint, tmp_path):
     from util.errors import UserError
 
     base = ["--data_path", "digits", "--model", "vit_tiny_patch4", "--device", "cpu", "--output_dir", str(tmp_path)]
@@ -94,7 +107,7 @@ def test_linear_probe_needs_weights_and_a_valid_layer(demo_checkpoint, tmp_path)
         main_linprobe.main(main_linprobe.get_args_parser().parse_args(base))
     with pytest.raises(UserError, match="--probe_layer 13 is outside 1..12"):
         main_linprobe.main(main_linprobe.get_args_parser().parse_args(
-            [*base, "--finetune", str(demo_checkpoint), "--probe_layer", "13"]))
+            [*base, "--input_size", "16", "--finetune", str(tiny_checkpoint), "--probe_layer", "13"]))
 
 
 def test_layer_decay_groups_scales_and_weight_decay():
