@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
@@ -97,10 +98,23 @@ def resolve_data_path(data_path: str) -> Path:
 # image folders
 
 
+# Pillow's modes of 16-bit single-channel images: PNG / TIFF / PGM (``I;16*``), and ``I`` (32-bit
+# integers: how Pillow before 10 opened 16-bit PNGs)
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _load_image(path: str) -> Image.Image:
+    """An RGB image, 8 bits per channel.
+
+    16-bit grayscale images are scaled to 8 bits (the high byte, as Pillow itself reads 16-bit RGB
+    PNGs), not clipped: ``convert("RGB")`` would turn every value above 255 into white.
+    """
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if img.mode in _WIDE_GRAY:
+                wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
+                img = Image.fromarray((wide >> 8).astype(np.uint8))  # mode L
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
