@@ -343,8 +343,8 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_killed_holder_s_lock_i
 
 def test_the_lock_is_per_folder_in_one_process_and_a_lock_from_another_host_is_taken_over_with_a_warning(tmp_path):
     with start_run(RunConfig(device="cpu", output_dir=str(tmp_path / "a"))) as run:
-        held = json.loads(os.pread(run.lock._fd, 4096, 0))
-        assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid())
+        held = run.lock.holder()
+        assert (held.host, held.pid) == (socket.gethostname(), os.getpid())
         with pytest.raises(UserError, match="is already in use by a run in this process"):
             start_run(RunConfig(device="cpu", output_dir=str(tmp_path / "a")))
         with start_run(RunConfig(device="cpu", output_dir=str(tmp_path / "b"))):  # another folder: fine

@@ -78,9 +78,10 @@ class FolderLock:
     def __init__(self, path: Path, fd: int, key: Tuple[int, int], previous: Optional[Holder]) -> None:
         self.path, self._fd, self._key, self.previous = path, fd, key, previous
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
+    def holder(self) -> Optional[Holder]:
+        """Who the lock file names now (read through the held descriptor: opening and closing the
+        file again would release the lock)."""
+        return Holder.parse(_read(self._fd)) if self._fd is not None else None
 
     def takeover_message(self) -> Optional[str]:
         """What to say about a lock left by a run that ended without releasing it (None: nothing)."""
