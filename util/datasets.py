@@ -103,19 +103,22 @@ def resolve_data_path(data_path: str) -> Path:
 _WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _load_image(path: str) -> Image.Image:
-    """An RGB image, 8 bits per channel.
+def rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, 8 bits per channel.
 
     16-bit grayscale images are scaled to 8 bits (the high byte, as Pillow itself reads 16-bit RGB
     PNGs), not clipped: ``convert("RGB")`` would turn every value above 255 into white.
     """
+    if img.mode in _WIDE_GRAY:
+        wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8))  # mode L
+    return img.convert("RGB")
+
+
+def _load_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode in _WIDE_GRAY:
-                wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
-                img = Image.fromarray((wide >> 8).astype(np.uint8))  # mode L
-            return img.convert("RGB")
+            return rgb8(Image.open(f))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
 
