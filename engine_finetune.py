@@ -236,8 +236,8 @@ def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer:
     train, device = c.train, run.device
     if c.model.eval:
         if eval_path is not None:
-            convert.load_model_state(model, convert.model_state_of(ckpt_util.read_checkpoint(eval_path), eval_path),
-                                     eval_path)
+            ckpt = ckpt_util.read_checkpoint(eval_path, check=True)
+            convert.load_model_state(model, convert.model_state_of(ckpt, eval_path), eval_path)
             _log.info("evaluating %s", eval_path)
         elif not c.model.finetune:
             _log.warning("--eval without --resume / --finetune: evaluating a randomly initialised model")

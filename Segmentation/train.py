@@ -278,7 +278,7 @@ def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) ->
             path = dist_util.broadcast_object(str(found) if found else None)
         ckpt: Dict[str, Any] = {}
         if path is not None:
-            ckpt = ckpt_util.read_checkpoint(path)
+            ckpt = ckpt_util.read_checkpoint(path, check=True)
             convert.load_model_state(model, convert.model_state_of(ckpt, path), path)
         else:
             _log.warning("--eval without a checkpoint (--resume, or one in --output_dir): the heads are random")

@@ -9,8 +9,10 @@
 #       --data_path /path/to/imagenet --output_dir /shared/output_dir
 #
 # --output_dir must be on a file system every node sees (rank 0 writes, every rank resumes from it).
+# Exit status on every node: 0 finished, 3 stopped by a signal with checkpoint-last.pth written,
+# else torchrun's (scripts/torchrun.sh).
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: MASTER_ADDR=.. NNODES=.. NODE_RANK=.. $0 main_*.py [flags]" >&2; exit 2; }
-exec torchrun --nnodes "${NNODES:?set NNODES}" --node_rank "${NODE_RANK:?set NODE_RANK (0 on the master)}" \
+exec "$(dirname "$0")/torchrun.sh" --nnodes "${NNODES:?set NNODES}" --node_rank "${NODE_RANK:?set NODE_RANK (0 on the master)}" \
     --nproc_per_node "${NPROC:-8}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node}" \
     --master_port "${MASTER_PORT:-29500}" "$@"

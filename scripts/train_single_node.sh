@@ -7,7 +7,8 @@
 #       --dist_eval --data_path /path/to/imagenet --output_dir ./out_finetune
 #
 # After a crash, kill or SIGTERM, rerun the same command: it resumes from the newest complete
-# checkpoint in --output_dir (mid-epoch after a SIGTERM / SIGUSR1).
+# checkpoint in --output_dir (mid-epoch after a SIGTERM / SIGUSR1). Exit status: 0 finished, 3
+# stopped by a signal with checkpoint-last.pth written, else torchrun's (scripts/torchrun.sh).
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: NPROC=8 $0 main_{pretrain,finetune,linprobe}.py [flags]" >&2; exit 2; }
-exec torchrun --standalone --nproc_per_node "${NPROC:-8}" "$@"
+exec "$(dirname "$0")/torchrun.sh" --standalone --nproc_per_node "${NPROC:-8}" "$@"

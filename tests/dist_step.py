@@ -19,6 +19,7 @@ DDP's gradient averaging computes is the loss of the whole batch. The classifica
 mean over images, and the ranks hold equal halves. The pre-training step also accumulates two
 micro-batches per rank (``--accum_iter 2``), which exercises DDP's ``no_sync``.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def step(run, lr, model, optimizer, loss_fn, names, batches):
 
 def main(out: Path) -> None:
     lr = 1e-5
-    with start_run(RunConfig(device="cpu", output_dir=str(out / "run"))) as run:
+    # a folder per launch: the two launches run at the same time, and a run locks its folder
+    run_dir = out / f"run-w{os.environ.get('WORLD_SIZE', '1')}"
+    with start_run(RunConfig(device="cpu", output_dir=str(run_dir))) as run:
         rank, world = run.info.rank, run.info.world_size
         imgs, noise, labels = fixed_batch()
         results = {}

@@ -26,7 +26,7 @@ import main_pretrain
 from util import checkpoint as ckpt_util
 from util.dist import detect, first_slurm_host
 from util.errors import Preempted, UserError
-from util.misc import append_jsonl, check_free_space
+from util.misc import append_jsonl, check_free_space, temp_path
 from util.preempt import EXIT_PREEMPTED
 from util.trainer import rescale_step
 
@@ -363,7 +363,7 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one_and_auto_resume_
         if "resumed from" in line:
             break
     threading.Thread(target=child.stderr.read, daemon=True).start()  # keep its log pipe flowing
-    partial = out / f".checkpoint-last.pth.tmp-{child.pid}"  # the name save_atomic writes to
+    partial = temp_path(out / "checkpoint-last.pth", pid=child.pid)  # the name save_atomic writes to
     os.mkfifo(partial)
 
     def unblock_if_the_child_ends():
@@ -396,9 +396,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     target = tmp_path / "checkpoint-last.pth"
     ckpt_util.save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 4}, target)
     # the temporary file save_atomic opens leads to /dev/full, where every write fails with ENOSPC
-    (tmp_path / f".checkpoint-last.pth.tmp-{os.getpid()}").symlink_to("/dev/full")
-    with pytest.raises(UserError, match="No space left on the device while writing .*checkpoint-last.pth; the previous "
-                                        "checkpoints are intact"):
+    temp_path(target).symlink_to("/dev/full")
+    with pytest.raises(UserError, match=r"Cannot write .*checkpoint-last.pth: No space left on the device \(.* free on "
+                                        r"its file system\); the partial file was removed"):
         ckpt_util.save_atomic({"model": {"w": torch.ones(10**6)}, "epoch": 5}, target)
     assert torch.load(target, weights_only=True)["epoch"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]

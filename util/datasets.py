@@ -23,13 +23,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.decode import DecodeTransform, read_encoded
+from util.decode import DecodeTransform, read_encoded, rgb8
 from util.errors import UserError
 from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
@@ -77,7 +78,6 @@ def build_digits(root: Path) -> Path:
     is written under a temporary name and renamed, so an interrupted or concurrent build never leaves
     a half-written dataset behind.
     """
-    import numpy as np
     from sklearn.datasets import load_digits
 
     dest = root / BUILTIN
@@ -112,11 +112,14 @@ def resolve_data_path(data_path: str) -> Path:
 # image folders
 
 
+# Pillow's modes of 16-bit single-channel images: PNG / TIFF / PGM (``I;16*``), and ``I`` (32-bit
+# integers: how Pillow before 10 opened 16-bit PNGs)
+
+
 def _load_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+            return rgb8(Image.open(f))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
 

@@ -98,10 +98,25 @@ def _bad_image(img: EncodedImage, e: Exception) -> UserError:
     return UserError(f"Cannot read image {img.name}: {e}. Remove or replace the file.")
 
 
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, 8 bits per channel.
+
+    16-bit grayscale images are scaled to 8 bits (the high byte, as Pillow itself reads 16-bit RGB
+    PNGs), not clipped: ``convert("RGB")`` would turn every value above 255 into white.
+    """
+    if img.mode in _WIDE_GRAY:
+        wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8))  # mode L
+    return img.convert("RGB")
+
+
 def open_rgb(img: EncodedImage) -> Image.Image:
-    """The reference decode: PIL opens the bytes and converts the whole image to RGB."""
+    """The reference decode: PIL opens the bytes and converts the whole image to RGB (:func:`rgb8`)."""
     try:
-        return Image.open(io.BytesIO(img.data)).convert("RGB")
+        return rgb8(Image.open(io.BytesIO(img.data)))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise _bad_image(img, e) from None
 

@@ -13,5 +13,11 @@ class Preempted(Exception):
     """Training stopped on SIGTERM / SIGUSR1 after writing ``checkpoint-last.pth``.
 
     The ``main_*`` scripts exit with status 3 (``util.preempt.EXIT_PREEMPTED``): a batch script can
-    tell it from a failure; rerunning the same command resumes.
+    tell it from a failure; rerunning the same command resumes. ``reported``: the launch script asked
+    for a marker file (``DEEPMIM_PREEMPTED_FILE``) and rank 0 wrote it, so every process exits 0
+    and the script turns the marker into status 3 (``util/preempt.py``).
     """
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported

@@ -1,13 +1,16 @@
 """Small shared helpers: logging, seeding, mixed precision, metric logs, CLI plumbing."""
 import contextlib
+import errno
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,12 +37,13 @@ def setup_logging(rank: int = 0, output_dir: Optional[str] = None) -> None:
 
 def run_cli(main: Callable[[Any], Any], args: Any) -> None:
     """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with 2,
-    :class:`Preempted` (stopped by a signal, checkpoint written) exits with 3."""
+    :class:`Preempted` (stopped by a signal, checkpoint written) exits with 3, or with 0 when the
+    launch script was told so through ``DEEPMIM_PREEMPTED_FILE`` (``util/preempt.py``)."""
     try:
         main(args)
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_PREEMPTED) from None
+        raise SystemExit(0 if e.reported else EXIT_PREEMPTED) from None
     except UserError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message only
@@ -112,14 +116,15 @@ def make_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> torch.amp
 # output files
 
 
-def check_writable(path: str, what: str = "--output_dir") -> Path:
-    """Create ``path`` and prove it is writable now, before hours of training (clear error if not)."""
+def check_writable(path: str, what: str = "--output_dir", probe: bool = True) -> Path:
+    """Create ``path`` and (``probe``) prove it is writable now, before hours of training (clear error if not)."""
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        if probe:
+            test = p / f".write-test-{os.getpid()}"
+            test.write_bytes(b"ok")
+            test.unlink()
     except OSError as e:
         raise UserError(f"{what} {path!r} is not writable ({e.strerror or e}). Choose another directory.") from None
     return p
@@ -133,6 +138,129 @@ def check_free_space(path: Path, need_bytes: int, what: str = "a checkpoint") ->
             f"{path} has {free / 2**30:.2f} GiB free but {what} needs about {need_bytes / 2**30:.2f} GiB. "
             f"Free some space or choose another --output_dir."
         )
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def free_space(path: Path) -> str:
+    """The free space of ``path``'s file system, for a message (``"1.25 GiB free"``)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.2f} {unit} free"
+    return f"{free} bytes free"
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes: a temporary file beside the target, fsync, rename
+
+
+_TEMP = re.compile(r"^\.(?P<target>.+)\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def temp_path(path: Path, pid: Optional[int] = None, host: Optional[str] = None) -> Path:
+    """Where :func:`write_atomic` writes ``path`` first: ``.<name>.tmp-<host>-<pid>`` beside it.
+
+    The writer's host and PID in the name let a later start-up tell a dead writer's partial file
+    (removed) from a live one's (kept): :func:`parse_temp`.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{host or socket.gethostname()}-{os.getpid() if pid is None else pid}")
+
+
+def parse_temp(name: str) -> Optional[Tuple[str, Optional[str], int]]:
+    """(target name, writer host or None, writer PID) of a :func:`temp_path` name; None for other names.
+
+    Names without a host (``.<name>.tmp-<pid>``, written by earlier versions) give None as host.
+    """
+    m = _TEMP.match(name)
+    return (m["target"], m["host"], int(m["pid"])) if m else None
+
+
+class _Recorder:
+    """The file object a writer sees: remembers the OSError of a failed write.
+
+    ``torch.save`` turns the OSError of its file into ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos``, which names neither the cause nor the file.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "No space left on the device", errno.EDQUOT: "Disk quota exceeded",
+                 errno.EFBIG: "File too large for the file system or the process's file-size limit",
+                 errno.EIO: "Input/output error", errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(f)`` into :func:`temp_path`, fsync, ``os.replace`` it over ``path``.
+
+    A crash or ``kill -9`` never leaves a half-written file under the real name. A write that fails
+    (disk full, quota, file-size limit, permission, I/O error) removes the temporary file, keeps the
+    old ``path`` and raises one :class:`UserError` naming the path, the cause and the free space.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    rec: Optional[_Recorder] = None
+    try:
+        with open(tmp, "wb") as f:
+            rec = _Recorder(f)
+            write(rec)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        _remove(tmp)
+        cause = rec.error if rec is not None and rec.error is not None else e
+        if not isinstance(cause, OSError):
+            raise  # a RuntimeError that is not a failed write: a bug, keep its traceback
+        reason = _WRITE_ERRORS.get(cause.errno or 0) or cause.strerror or str(cause)
+        raise UserError(
+            f"Cannot write {path}: {reason} ({free_space(path.parent)} on its file system); the partial "
+            f"file was removed and any earlier file of that name is intact. Free some space (or choose "
+            f"another folder) and rerun the same command: training resumes from its newest complete checkpoint."
+        ) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def to_plain(obj: Any) -> Any:

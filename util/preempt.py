@@ -16,12 +16,26 @@ every rank exits with :data:`EXIT_PREEMPTED`. On SIGUSR1 inside a SLURM job, ran
 to requeue the job (``scontrol requeue $SLURM_JOB_ID``); on SIGTERM it does not: SLURM requeues a
 job it preempts by itself (``PreemptMode=REQUEUE``), and a job cancelled with ``scancel`` must stay
 cancelled. The requeued job reruns the same command, which resumes from ``checkpoint-last.pth``.
+
+**Exit status under launchers.** Status 3 reaches the shell as such from a plain ``python`` run.
+``torchrun`` (and ``torch.distributed.launch``, the same agent) treats any non-zero worker exit as a
+failure: it SIGTERMs the workers still running (here: already past the checkpoint, tearing down),
+prints its ``ChildFailedError`` report and exits 1; ``srun --kill-on-bad-exit`` likewise kills the
+other tasks, and then reports 3 or 128 + a signal number. So a launch script can ask for a marker
+instead: with ``DEEPMIM_PREEMPTED_FILE=<path>`` in the environment, every rank writes that file
+(the same text; the path may be node-local, one per node's launch script) after the checkpoint and
+the requeue, they agree that all of them did, and only then exits, with status 0, so the launcher
+ends quietly and the script reads the marker and exits 3 (``scripts/torchrun.sh``,
+``scripts/slurm_train.sbatch``). If any rank cannot write it, every rank exits 3. The marker
+holds ``signal=``, ``requeued=`` (the SLURM job id, or empty), ``checkpoint=`` and ``message=``
+lines. Set it only if you read it: with it, a preempted run exits 0.
 """
 import logging
 import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -32,6 +46,7 @@ from util import dist as dist_util
 _log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 3  # exit status: stopped by a signal after writing checkpoint-last.pth; rerun to continue
+PREEMPTED_FILE_VAR = "DEEPMIM_PREEMPTED_FILE"  # where rank 0 writes the preemption marker (see above)
 # the signals we handle, by precedence: when ranks received different ones, SIGTERM (end of the
 # job) wins over SIGUSR1 (time-limit warning, requeue)
 _LEVELS: Dict[int, int] = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
@@ -116,6 +131,41 @@ class StopSignal:
             return None
         _log.info("requeued SLURM job %s", job)
         return job
+
+
+def write_preempted_marker(signal_name: str, requeued: Optional[str], checkpoint: Path, message: str) -> bool:
+    """After the checkpoint: write the ``DEEPMIM_PREEMPTED_FILE`` marker if one is asked for.
+
+    Returns True when written; False when none is asked for or it cannot be written (a warning).
+    """
+    path = os.environ.get(PREEMPTED_FILE_VAR)
+    if not path:
+        return False
+    text = (f"signal={signal_name}\nrequeued={requeued or ''}\ncheckpoint={checkpoint}\n"
+            f"message={' '.join(message.split())}\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        _log.warning("cannot write %s=%s (%s): exiting with status %d instead", PREEMPTED_FILE_VAR, path,
+                     e.strerror or e, EXIT_PREEMPTED)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a collective on the CPU group when distributed)."""
+    if dist_util.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dist_util.control_group())
+    return bool(t.item())
 
 
 def worker_init(main_pid: int, worker_id: int) -> None:

@@ -1,7 +1,10 @@
 """Run set-up, shared by every ``main_*`` script: what exists before any data or model is built.
 
 * distributed initialisation (``util/dist.py``), device, mixed-precision dtype, seeding;
-* the output folder, checked writable before any work, with its stale temporary files removed;
+* the output folder: locked for this run (``util/lock.py``: one run per folder; rank 0 holds the
+  lock until the run ends), the partial checkpoints of dead writers removed, then checked
+  writable, in that order, so that a disk filled by a killed run's partial file gets its space
+  back before anything tests it;
 * logging (rank 0 only), TensorBoard;
 * the SIGTERM / SIGUSR1 handlers of preemption (``util/preempt.py``), put back when the run ends.
 
@@ -13,16 +16,17 @@ network-file-system view and never wait forever in a collective for a rank 0 tha
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from util import checkpoint as ckpt_util
 from util import dist as dist_util
+from util import lock as lock_util
 from util.config import RunConfig
 from util.errors import Preempted, UserError
 from util.misc import TensorBoard, check_writable, resolve_amp, save_json, seed_everything, setup_logging, to_plain
-from util.preempt import StopSignal
+from util.preempt import StopSignal, all_ranks, write_preempted_marker
 
 _log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class Run:
     tb: TensorBoard
     cfg: RunConfig
     stop: StopSignal = field(default_factory=StopSignal)
+    lock: Optional[lock_util.FolderLock] = None  # rank 0's lock on out_dir
 
     def __enter__(self) -> "Run":
         return self
@@ -55,20 +60,7 @@ class Run:
         A :class:`UserError` (a full disk, say) reaches every rank with its message; any other
         exception is re-raised on rank 0 and reported on the others.
         """
-        error, failure = None, None
-        if self.is_main:
-            try:
-                fn()
-            except UserError as e:
-                error = ("user", str(e))
-            except Exception as e:
-                failure, error = e, ("bug", f"{type(e).__name__}: {e}")
-        error = dist_util.broadcast_object(error)  # also the barrier
-        if failure is not None:
-            raise failure
-        if error is not None:
-            kind, msg = error
-            raise UserError(msg) if kind == "user" else RuntimeError(f"rank 0 failed: {msg}")
+        on_rank0(self.is_main, fn)
 
     def resolved_args(self, flags: Dict[str, Any], **resolved: Any) -> Dict[str, Any]:
         """What checkpoints store as ``args`` (and ``config.json``): the flags as parsed, the values
@@ -89,43 +81,110 @@ class Run:
         Args:
             where: the position the checkpoint holds, for the message (``"epoch 3, iteration 120"``).
         """
-        msg = (f"{self.stop.signal_name} received: wrote {self.out_dir / ckpt_util.LAST} at {where}; "
-               f"rerun the same command to continue")
+        last = self.out_dir / ckpt_util.LAST
+        msg = f"{self.stop.signal_name} received: wrote {last} at {where}; rerun the same command to continue"
         _log.info("%s", msg)
-        # requeue before any rank exits: `srun --kill-on-bad-exit` may kill rank 0 once one rank has left
+        # requeue and mark before any rank exits: a launcher (srun --kill-on-bad-exit, torchrun) may
+        # kill the other ranks as soon as one has left
         job = dist_util.broadcast_object(self.stop.requeue() if self.is_main else None)
         if job:
             msg += f" (SLURM job {job} requeued)"
+        # every rank marks: the marker is per node when each node's launch script has its own
+        reported = all_ranks(write_preempted_marker(self.stop.signal_name, job, last, msg))
         self.finish()
-        raise Preempted(msg)
+        raise Preempted(msg, reported=reported)
 
     def finish(self) -> None:
-        """Close the logs, leave the process group, put back the signal handlers (idempotent)."""
+        """Close the logs, leave the process group, put back the signal handlers, release the
+        output folder (idempotent)."""
         self.stop.restore()
         self.tb.close()
         dist_util.cleanup()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def on_rank0(is_main: bool, fn: Callable[[], None]) -> None:
+    """:meth:`Run.on_main` for code that runs before the :class:`Run` exists."""
+    error, failure = None, None
+    if is_main:
+        try:
+            fn()
+        except UserError as e:
+            error = ("user", str(e))
+        except Exception as e:
+            failure, error = e, ("bug", f"{type(e).__name__}: {e}")
+    error = dist_util.broadcast_object(error)  # also the barrier
+    if failure is not None:
+        raise failure
+    if error is not None:
+        kind, msg = error
+        raise UserError(msg) if kind == "user" else RuntimeError(f"rank 0 failed: {msg}")
+
+
+@dataclass
+class Claim:
+    """Rank 0's hold on the output folder (:func:`claim_output_dir`)."""
+
+    out: Path
+    lock: lock_util.FolderLock
+    removed: List[str]  # dead writers' partial checkpoints removed
+    kept: List[str]  # partial checkpoints kept, with the reason
+
+    def report(self) -> None:
+        """Log what start-up found in the folder (once logging is set up)."""
+        message = self.lock.takeover_message()
+        if message:
+            _log.warning("%s", message)
+        if self.removed:
+            _log.info("removed %d partial checkpoint file(s) left by a killed run: %s", len(self.removed),
+                      ", ".join(self.removed))
+        for kept in self.kept:
+            _log.info("kept the partial checkpoint file %s", kept)
+
+
+def claim_output_dir(output_dir: str) -> Claim:
+    """Rank 0's start-up in the output folder: create it, lock it, remove dead writers' partial
+    checkpoints, then prove it writable.
+
+    The order matters: the lock first (a second run must not delete the first one's partial
+    file), the clean-up before the write test (a full disk gets the dead file's space back first).
+    """
+    out = check_writable(output_dir, probe=False)  # created
+    lock = lock_util.acquire(out)
+    try:
+        removed, kept = ckpt_util.remove_stale_temps(out)
+        check_writable(output_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(out, lock, removed, kept)
 
 
 def start_run(cfg: RunConfig) -> Run:
     """Initialise everything a script needs before it builds data and models."""
     stop = StopSignal(cfg.stop_check_every)
     stop.install()  # first: a signal during start-up is then recorded, not fatal
+    claim: List[Claim] = []  # rank 0's, once made
     try:
         info = dist_util.init_distributed(cfg.device, cfg.local_rank, cfg.dist_on_itp, cfg.dist_url, cfg.dist_port)
         device = info.device
-        out_dir = check_writable(cfg.output_dir)
-        dist_util.barrier()
+        # a refusal (folder in use, not writable) reaches every rank
+        on_rank0(info.rank == 0, lambda: claim.append(claim_output_dir(cfg.output_dir)))
+        out_dir = claim[0].out if claim else check_writable(cfg.output_dir)
         setup_logging(info.rank, str(out_dir) if info.rank == 0 else None)
         if info.distributed:
             _log.info("distributed (%s, %s): %d processes; master %s:%s", info.launcher, torch.distributed.get_backend(),
                       info.world_size, info.master_addr, info.master_port)
-        if info.rank == 0:
-            ckpt_util.remove_stale_temps(out_dir)
+        if claim:
+            claim[0].report()
         amp_dtype = resolve_amp(cfg.amp, device)
+        seed_everything(cfg.seed)  # identical model initialisation on every rank
+        tb = TensorBoard(cfg.log_dir or str(out_dir), enabled=info.rank == 0)
     except BaseException:
         stop.restore()
+        if claim:
+            claim[0].lock.release()
         dist_util.cleanup()
         raise
-    seed_everything(cfg.seed)  # identical model initialisation on every rank
-    tb = TensorBoard(cfg.log_dir or str(out_dir), enabled=info.rank == 0)
-    return Run(info, device, out_dir, amp_dtype, tb, cfg, stop)
+    return Run(info, device, out_dir, amp_dtype, tb, cfg, stop, claim[0].lock if claim else None)

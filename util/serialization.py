@@ -22,7 +22,6 @@ Three readers, chosen by content (not by file name):
 import argparse
 import ast
 import collections
-import errno
 import json
 import os
 import pickle
@@ -30,11 +29,12 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple
 
 import torch
 
 from util.errors import UserError
+from util.misc import write_atomic
 
 
 class UnreadableFile(UserError):
@@ -203,29 +203,6 @@ def _load_safetensors(path: str) -> Any:
     return {"model": tensors, **extra}
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(f)`` into a temporary file beside it, fsync, ``os.replace``.
-
-    A crash or full disk never leaves a half-written file under the real name, and keeps the old one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"No space left on the device while writing {path}; free some space and rerun.") from None
-        raise UserError(f"Cannot write {path}: {e.strerror or e}.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
     """Write ``tensors`` as a real safetensors file (atomically).
 
@@ -249,7 +226,7 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, extra: Option
     if extra:
         metadata[SAFETENSORS_EXTRA_KEY] = json.dumps(extra, default=str)
     data = save(flat, metadata=metadata)
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(Path(path), lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------

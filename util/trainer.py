@@ -428,7 +428,7 @@ class Trainer:
             start = cfg.start_epoch * self.steps_per_epoch
             run.on_main(lambda: self._tidy_log(start))
             return start
-        ckpt = ckpt_util.read_checkpoint(path)
+        ckpt = ckpt_util.read_checkpoint(path, check=bool(cfg.resume))  # find_resume verified its choice
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
         job.check_resume(ckpt, path)
