@@ -6,15 +6,17 @@ augmentation, never in how an epoch runs or how accuracy is counted. The loop is
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
+import models_vit
 from util import checkpoint as ckpt_util
 from util import dist as dist_util
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.datasets import AugConfig, FolderData, eval_loader, train_loader
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.datasets import AugConfig, FolderData, check_augmentation, check_folders, eval_loader, train_loader
+from util.errors import UserError
 from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
 from util.runner import Run
@@ -56,6 +58,22 @@ class ClassifyConfig:
         flags = flag_dict(args)
         return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
                    ClassifierFlags.from_flags(flags), AugConfig.from_flags(flags), flags)
+
+    def validate(self, timm_augment: bool) -> List[str]:
+        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
+        parser's, ``util/cli.py``): the model name, ``--probe_layer`` within its depth, timm's
+        ``--aa`` policy (``timm_augment``: fine-tuning), the data folders and the schedule. Returns
+        warnings for ``start_run`` to log."""
+        m = self.model
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            vit = models_vit.create_model(m.model, num_classes=0, img_size=m.input_size)
+        depth = len(vit.blocks)
+        if m.probe_layer is not None and not 1 <= m.probe_layer <= depth:
+            raise UserError(f"--probe_layer {m.probe_layer} is outside 1..{depth} for {m.model}.")
+        if timm_augment and not m.eval:
+            check_augmentation(self.aug, vit.patch_embed.img_size[0])
+        check_folders(self.train.data_path, ["val"] if m.eval else ["train", "val"])
+        return [] if m.eval else check_schedule(self.train, self.optim)
 
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable] = None):

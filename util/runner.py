@@ -13,7 +13,7 @@ network-file-system view and never wait forever in a collective for a rank 0 tha
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -106,8 +106,13 @@ class Run:
         dist_util.cleanup()
 
 
-def start_run(cfg: RunConfig) -> Run:
-    """Initialise everything a script needs before it builds data and models."""
+def start_run(cfg: RunConfig, warnings: Sequence[str] = ()) -> Run:
+    """Initialise everything a script needs before it builds data and models.
+
+    Args:
+        cfg: the run flags.
+        warnings: what the script's flag checks found legal but suspicious, logged once logging is set up.
+    """
     stop = StopSignal(cfg.stop_check_every)
     stop.install()  # first: a signal during start-up is then recorded, not fatal
     try:
@@ -116,6 +121,9 @@ def start_run(cfg: RunConfig) -> Run:
         out_dir = check_writable(cfg.output_dir)
         dist_util.barrier()
         setup_logging(info.rank, str(out_dir) if info.rank == 0 else None)
+        if info.rank == 0:
+            for message in warnings:
+                _log.warning("%s", message)
         if info.distributed:
             _log.info("distributed (%s, %s): %d processes; master %s:%s", info.launcher, torch.distributed.get_backend(),
                       info.world_size, info.master_addr, info.master_port)
