@@ -43,6 +43,7 @@ from util.cli import (  # noqa: E402
     Parser,
     add_adamw_args,
     add_run_args,
+    add_weights_args,
     increasing,
     nonneg_float,
     nonneg_int,
@@ -51,7 +52,6 @@ from util.cli import (  # noqa: E402
     probability,
     rate,
     set_help,
-    sha256_prefix,
     share,
     str2list,
 )
@@ -99,12 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--min_lr", default=0.0, type=nonneg_float, metavar="LR", help="lr at the last iteration")
     add_adamw_args(o, weight_decay=0.05, layer_decay=0.9)
 
-    e = p.add_argument_group("weights and evaluation")
-    e.add_argument("--finetune", default="", metavar="CHECKPOINT",
-                   help="pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
-                        "random initialisation)")
-    e.add_argument("--finetune_sha256", default=None, type=sha256_prefix, metavar="HEX",
-                   help="expected sha256 (prefix) of a downloaded --finetune (default: not checked)")
+    e = add_weights_args(p)
     e.add_argument("--eval", action="store_true", help="only evaluate --resume (default: newest in --output_dir)")
     e.add_argument("--mode", default="slide", choices=["slide", "whole"],
                    help="test mode: sliding windows of --crop_size every --stride pixels, or the whole image")
@@ -136,7 +131,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
     set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
                           "built-in data",
-             log_every="iterations between log lines, log.txt lines and TensorBoard points")
+             log_every="iterations between log lines, log.txt lines and TensorBoard points",
+             finetune="pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, random "
+                      "initialisation)")
     return p
 
 

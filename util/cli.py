@@ -332,6 +332,18 @@ def add_optim_args(parser: argparse.ArgumentParser, blr: float, weight_decay: fl
     return g
 
 
+def add_weights_args(parser: argparse.ArgumentParser) -> Group:
+    """The "weights and evaluation" group with ``--finetune`` and ``--finetune_sha256`` (every script
+    that starts from pre-trained weights)."""
+    f = parser.add_argument_group("weights and evaluation")
+    f.add_argument("--finetune", default="", metavar="CHECKPOINT",
+                   help="pre-trained checkpoint: file, .safetensors, published name or http(s) URL (default: none, "
+                        "random initialisation)")
+    f.add_argument("--finetune_sha256", default=None, type=sha256_prefix, metavar="HEX",
+                   help="expected sha256 (prefix) of a downloaded --finetune (default: not checked)")
+    return f
+
+
 def add_classification_args(parser: argparse.ArgumentParser, model: str, epochs: int, batch_size: int,
                             global_pool: bool) -> Dict[str, Group]:
     """Flags shared by fine-tuning and linear probing (MAE's names): the training, model, weights /
@@ -346,12 +358,7 @@ def add_classification_args(parser: argparse.ArgumentParser, model: str, epochs:
     parser.set_defaults(global_pool=global_pool)
     m.add_argument("--nb_classes", default=None, type=positive_int, metavar="N",
                    help="classes (default: the number of class folders)")
-    f = parser.add_argument_group("weights and evaluation")
-    f.add_argument("--finetune", default="", metavar="CHECKPOINT",
-                   help="pre-trained checkpoint: file, .safetensors, published name or http(s) URL (default: none, "
-                        "random initialisation)")
-    f.add_argument("--finetune_sha256", default=None, type=sha256_prefix, metavar="HEX",
-                   help="expected sha256 (prefix) of a downloaded --finetune (default: not checked)")
+    f = add_weights_args(parser)
     f.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on data_path/val")
     f.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (each image once)")
     a = parser.add_argument_group("augmentation")
