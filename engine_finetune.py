@@ -6,7 +6,7 @@ augmentation, never in how an epoch runs or how accuracy is counted. The loop is
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,9 +15,10 @@ import models_vit
 from util import checkpoint as ckpt_util
 from util import convert
 from util import dist as dist_util
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.data import check_data
 from util.data import classification_data as build_classification_data
-from util.datasets import AugConfig, with_decode
+from util.datasets import AugConfig, check_augmentation, with_decode
 from util.errors import UserError
 from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
@@ -25,6 +26,9 @@ from util.runner import Run
 from util.trainer import Commit, Job, Trainer, epoch_trainer_config
 
 _log = logging.getLogger(__name__)
+
+
+DEFAULT_MODEL = "vit_base_patch16"  # MAE's fine-tuning and linear-probing model
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,24 @@ class ClassifyConfig:
         flags = flag_dict(args)
         return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
                    ClassifierFlags.from_flags(flags), AugConfig.from_flags(flags), flags)
+
+    def validate(self, timm_augment: bool) -> List[str]:
+        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
+        parser's, ``util/cli.py``): the model name, ``--probe_layer`` within its depth, timm's
+        ``--aa`` policy (``timm_augment``: fine-tuning), the data folders and the schedule. Returns
+        warnings for ``start_run`` to log."""
+        m = self.model
+        name = m.model or DEFAULT_MODEL
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            vit = models_vit.create_model(name, num_classes=0, img_size=m.input_size)
+        depth = len(vit.blocks)
+        # with --eval the model may come from the checkpoint: its depth is checked once it is read
+        if m.probe_layer is not None and not m.eval and not 1 <= m.probe_layer <= depth:
+            raise UserError(f"--probe_layer {m.probe_layer} is outside 1..{depth} for {name}.")
+        if timm_augment and not m.eval:
+            check_augmentation(self.aug, vit.patch_embed.img_size[0])
+        check_data(self.train.data_path, ["val"] if m.eval else ["train", "val"])
+        return [] if m.eval else check_schedule(self.train, self.optim)
 
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable] = None):

@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 from engine_finetune import (
+    DEFAULT_MODEL,
     ClassifyConfig,
     checkpoint_flags,
     classification_data,
@@ -25,7 +26,17 @@ from engine_finetune import (
     eval_sources,
     run_classification,
 )
-from util.cli import add_classification_args, add_optim_args, add_run_args
+from util.cli import (
+    Parser,
+    StrictPair,
+    add_classification_args,
+    add_optim_args,
+    add_run_args,
+    nonneg_float,
+    positive_int,
+    probability,
+    rate,
+)
 from util.convert import load_encoder
 from util.datasets import eval_transform, finetune_transform
 from util.misc import run_cli
@@ -35,32 +46,34 @@ from util.runner import Run, start_run
 _log = logging.getLogger("main_finetune")
 
 
-DEFAULT_MODEL = "vit_base_patch16"
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepMIM fine-tuning for image classification")
-    add_classification_args(p, model=DEFAULT_MODEL, epochs=50, batch_size=64, global_pool=True)
-    p.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
-    p.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (BEiT / MAE)")
-    add_optim_args(p, blr=1e-3, weight_decay=0.05, warmup_epochs=5)
-    p.set_defaults(min_lr=1e-6)
+    p = Parser("main_finetune.py", "DeepMIM fine-tuning for image classification (and --eval of a checkpoint)")
+    groups = add_classification_args(p, model=DEFAULT_MODEL, epochs=50, batch_size=64, global_pool=True)
+    groups["model"].add_argument("--drop_path", type=rate, default=0.1, metavar="PCT", help="drop path rate")
+    add_optim_args(p, blr=1e-3, weight_decay=0.05, warmup_epochs=5, layer_decay=0.75, min_lr=1e-6)
 
-    a = p.add_argument_group("augmentation (timm)")
-    a.add_argument("--color_jitter", type=float, default=None, metavar="PCT", help="color jitter (only without --aa)")
+    a = groups["augmentation"]  # timm's flags, names and meanings
+    a.add_argument("--color_jitter", type=nonneg_float, default=None, metavar="PCT",
+                   help="color jitter factor, only without --aa (default: off)")
     a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                   help="RandAugment policy ('none' to disable)")
-    a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
-    a.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
-    a.add_argument("--recount", type=int, default=1, help="random erasing count")
+                   help="RandAugment / AutoAugment policy ('none' to disable)")
+    a.add_argument("--smoothing", type=rate, default=0.1, help="label smoothing")
+    a.add_argument("--reprob", type=probability, default=0.25, metavar="PCT", help="random erasing probability")
+    a.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
+                   help="random erasing fill: per-pixel noise, per-channel noise or zeros")
+    a.add_argument("--recount", type=positive_int, default=1, help="random erasing count")
     a.add_argument("--resplit", action="store_true", default=False, help="no random erasing on the first split")
-    a.add_argument("--mixup", type=float, default=0, help="mixup alpha (enabled if > 0)")
-    a.add_argument("--cutmix", type=float, default=0, help="cutmix alpha (enabled if > 0)")
-    a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio")
-    a.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
-    a.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
-    a.add_argument("--mixup_mode", type=str, default="batch", help="'batch', 'pair' or 'elem'")
+    a.add_argument("--mixup", type=nonneg_float, default=0, help="mixup alpha (enabled if > 0)")
+    a.add_argument("--cutmix", type=nonneg_float, default=0, help="cutmix alpha (enabled if > 0)")
+    a.add_argument("--cutmix_minmax", type=probability, nargs="+", default=None, action=StrictPair,
+                   metavar=("MIN", "MAX"),
+                   help="cutmix box size range as fractions of the image, MIN < MAX; enables cutmix "
+                        "(default: from --cutmix alpha)")
+    a.add_argument("--mixup_prob", type=probability, default=1.0, help="probability of mixup or cutmix per batch")
+    a.add_argument("--mixup_switch_prob", type=probability, default=0.5,
+                   help="probability of cutmix when both are on")
+    a.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                   help="mix per batch, per pair of images or per image")
     add_run_args(p)
     p.set_defaults(save_every=10)
     return p
@@ -68,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     cfg = ClassifyConfig.from_args(args)
-    with start_run(cfg.run) as run:
+    warnings = cfg.validate(timm_augment=True)  # a bad combination of flags stops here: nothing written yet
+    with start_run(cfg.run, warnings) as run:
         return finetune(run, cfg)
 
 

@@ -13,6 +13,7 @@ paper's claim that deep supervision improves shallow layers is checked with it.
 import argparse
 import dataclasses
 import logging
+from typing import List
 
 import torch
 from timm.layers import trunc_normal_
@@ -21,6 +22,7 @@ from torch import nn
 
 import models_vit
 from engine_finetune import (
+    DEFAULT_MODEL,
     ClassifyConfig,
     checkpoint_flags,
     classification_data,
@@ -28,7 +30,7 @@ from engine_finetune import (
     eval_sources,
     run_classification,
 )
-from util.cli import add_classification_args, add_optim_args, add_run_args
+from util.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
 from util.convert import load_encoder
 from util.datasets import eval_transform, linprobe_transform
 from util.errors import UserError
@@ -68,22 +70,32 @@ class LinearProbe(nn.Module):
         return self.head(feats.float())
 
 
-DEFAULT_MODEL = "vit_base_patch16"
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepMIM linear probing")
-    add_classification_args(p, model=DEFAULT_MODEL, epochs=90, batch_size=512, global_pool=False)
-    p.add_argument("--probe_layer", default=None, type=int, help="encoder block to probe, 1-based (default: the last)")
+    p = Parser("main_linprobe.py", "DeepMIM linear probing of the last encoder layer or of any layer")
+    groups = add_classification_args(p, model=DEFAULT_MODEL, epochs=90, batch_size=512, global_pool=False)
+    groups["model"].add_argument("--probe_layer", default=None, type=positive_int, metavar="K",
+                                 help="encoder block to probe, 1-based (default: the last)")
     add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10)
     add_run_args(p)
     p.set_defaults(save_every=10)
+    set_help(p, blr="base learning rate of LARS: lr = blr * total batch size / 256",
+             weight_decay="LARS weight decay of the linear layer's weight (MAE: 0)",
+             fused_adamw="unused: linear probing trains with LARS")
     return p
+
+
+def validate(c: ClassifyConfig) -> List[str]:
+    """Linear probing's cross-flag checks: :meth:`ClassifyConfig.validate`, and weights to probe."""
+    warnings = c.validate(timm_augment=False)
+    if not (c.model.finetune or c.train.resume or c.model.eval):
+        raise UserError("Linear probing needs pre-trained weights: pass --finetune CHECKPOINT.")
+    return warnings
 
 
 def main(args: argparse.Namespace) -> dict:
     cfg = ClassifyConfig.from_args(args)
-    with start_run(cfg.run) as run:
+    warnings = validate(cfg)  # a bad combination of flags stops here: nothing written yet
+    with start_run(cfg.run, warnings) as run:
         return linprobe(run, cfg)
 
 

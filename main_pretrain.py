@@ -15,10 +15,23 @@ import torch
 import models_deepmim
 from engine_pretrain import PretrainJob
 from targets.base import Target, TargetConfig, describe_targets
-from targets.registry import TARGETS, build_targets
-from util.cli import add_optim_args, add_run_args, str2list
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.data import build_train_data
+from targets.registry import TARGETS, build_targets, layer_target_names
+from util.cli import (
+    Parser,
+    add_optim_args,
+    add_run_args,
+    add_training_args,
+    increasing,
+    mask_fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    positive_sum,
+    set_help,
+    str2list,
+)
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.data import build_train_data, check_data
 from util.datasets import pretrain_transform
 from util.lr_sched import cosine_schedule
 from util.misc import make_scaler, run_cli
@@ -30,24 +43,27 @@ _log = logging.getLogger("main_pretrain")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepMIM pre-training")
-    p.add_argument("--batch_size", default=64, type=int,
-                   help="batch size per GPU (effective batch = batch_size * accum_iter * processes)")
-    p.add_argument("--epochs", default=400, type=int)
-    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation iterations")
+    p = Parser("main_pretrain.py", "DeepMIM pre-training: MAE with a decoder on several encoder layers")
+    add_training_args(p, batch_size=64, epochs=400)
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="deepmim_vit_base_patch16", type=str, metavar="MODEL",
                    help="registered model name (mae_vit_base_patch16 builds the same DeepMIM model)")
-    m.add_argument("--input_size", default=None, type=int, help="image size (default: the model's, 224 or 32)")
-    m.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    m.add_argument("--ds_layers", default=None, type=str2list(int),
-                   help="supervised encoder layers, 1-based (default 6,8,10,12 for depth 12); 12 alone = MAE")
-    m.add_argument("--ds_weights", default=None, type=str2list(float), help="loss weight per supervised layer (default 1)")
-    m.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (default: the model's, 512)")
-    m.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (default: the model's, 4)")
-    m.add_argument("--decoder_num_heads", default=None, type=int, help="decoder heads (default: the model's, 16)")
-    m.add_argument("--clip_grad", default=None, type=float, help="clip gradient norm (default: off)")
+    m.add_argument("--input_size", default=None, type=positive_int, metavar="PX",
+                   help="image size, a multiple of the patch size (default: the model's, 224 or 32)")
+    m.add_argument("--mask_ratio", default=0.75, type=mask_fraction, metavar="R",
+                   help="fraction of patches removed; at least one patch must stay and one be removed")
+    m.add_argument("--ds_layers", default=None, type=str2list(positive_int, increasing), metavar="LAYERS",
+                   help="supervised encoder layers, 1-based, increasing, ending with the last "
+                        "(default: 6,8,10,12 for depth 12); 12 alone = MAE")
+    m.add_argument("--ds_weights", default=None, type=str2list(nonneg_float, positive_sum), metavar="WEIGHTS",
+                   help="loss weight per supervised layer, >= 0 with a positive sum (default: 1 each)")
+    m.add_argument("--decoder_embed_dim", default=None, type=positive_int, metavar="DIM",
+                   help="decoder width (default: the model's, 512)")
+    m.add_argument("--decoder_depth", default=None, type=nonneg_int, metavar="N",
+                   help="decoder blocks (default: the model's, 4)")
+    m.add_argument("--decoder_num_heads", default=None, type=positive_int, metavar="N",
+                   help="decoder heads, dividing the decoder width (default: the model's, 16)")
 
     t = p.add_argument_group("reconstruction targets", "what the decoders reconstruct (README: Reconstruction targets)")
     t.add_argument("--target", default=None, choices=TARGETS.names(),
@@ -55,29 +71,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "teacher (--teacher_model). Default: clip when --clip_path / --clip_model is given, else pixel")
     t.add_argument("--ds_targets", default=None, type=str2list(str), metavar="NAMES",
                    help="one target per --ds_layers entry instead, e.g. pixel,pixel,clip,clip; each distinct "
-                        "target runs once per step")
+                        "target runs once per step (default: --target for every layer)")
     t.add_argument("--norm_pix_loss", action="store_true", help="pixel target: normalize each patch by its mean and std")
-    t.add_argument("--clip_path", default=None, type=str,
-                   help="clip target: OpenAI's ViT-B-16.pt, a visual.* state dict or an open_clip checkpoint")
-    t.add_argument("--clip_model", default=None, type=str, help="clip target: open_clip model name (architecture)")
-    t.add_argument("--clip_pretrained", default=None, type=str,
-                   help="clip target: open_clip pretrained tag (downloads when online)")
+    t.add_argument("--clip_path", default=None, type=str, metavar="FILE",
+                   help="clip target: OpenAI's ViT-B-16.pt, a visual.* state dict or an open_clip checkpoint "
+                        "(default: none)")
+    t.add_argument("--clip_model", default=None, type=str, metavar="NAME",
+                   help="clip target: open_clip model name (default: read off the --clip_path weights)")
+    t.add_argument("--clip_pretrained", default=None, type=str, metavar="TAG",
+                   help="clip target: open_clip pretrained tag, downloaded when online (default: none)")
     t.add_argument("--teacher_model", default=None, type=str, metavar="SPEC",
                    help="teacher target: a timm model name (weights: --teacher_weights), deepmim:PATH (a checkpoint "
                         "of this repo / MAE / the reference DeepMIM: its encoder), or open_clip[:NAME] (the CLIP of "
-                        "the --clip_* flags at any layer)")
+                        "the --clip_* flags at any layer) (default: none)")
     t.add_argument("--teacher_weights", default=None, type=str, metavar="FILE",
                    help="teacher target: local weights of the timm model (default: timm downloads them when online)")
-    t.add_argument("--teacher_layer", default=None, type=int, metavar="K",
+    t.add_argument("--teacher_layer", default=None, type=positive_int, metavar="K",
                    help="teacher target: 1-based teacher block whose tokens are reconstructed (default: the last, "
                         "after its final norm)")
     t.add_argument("--teacher_loss", default="cosine", choices=["cosine", "smooth_l1"],
                    help="teacher target: loss (smooth_l1 on tokens standardized per token)")
-    t.add_argument("--teacher_input_size", default=None, type=int, metavar="PX",
+    t.add_argument("--teacher_input_size", default=None, type=positive_int, metavar="PX",
                    help="teacher target: resize the images to this side for a teacher with another patch size "
-                        "(grid x teacher patch, e.g. 196 for a /14 teacher and a /16 student at 224)")
+                        "(grid x teacher patch, e.g. 196 for a /14 teacher and a /16 student at 224; default: no resize)")
     add_optim_args(p, blr=1.5e-4, weight_decay=0.05, warmup_epochs=40)
     add_run_args(p)
+    set_help(p, compile="torch.compile the model (and each frozen target network, separately)")
     return p
 
 
@@ -118,6 +137,17 @@ class PretrainConfig:
         return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
                    ModelFlags.from_flags(flags), TargetConfig.from_flags(flags), flags)
 
+    def validate(self) -> List[str]:
+        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
+        parser's, ``util/cli.py``): the model config (name, ``--ds_layers`` / ``--ds_weights``,
+        ``--input_size``, heads dividing widths), the mask ratio on its patch grid, the targets'
+        names, the data folder and the schedule. Returns warnings for ``start_run`` to log."""
+        cfg = self.model.model_config()  # cheap: a dataclass, no weights
+        models_deepmim.check_mask_ratio(cfg, self.model.mask_ratio, self.model.model)
+        layer_target_names(self.targets, len(cfg.ds_layers), cfg.ds_layers)
+        check_data(self.train.data_path, ["train"])
+        return check_schedule(self.train, self.optim)
+
 
 def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device: torch.device,
                             amp_dtype: Optional[torch.dtype], compile: bool = False
@@ -141,7 +171,8 @@ def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device
 
 def main(args: argparse.Namespace) -> dict:
     cfg = PretrainConfig.from_args(args)
-    with start_run(cfg.run) as run:
+    warnings = cfg.validate()  # a bad combination of flags stops here: nothing written yet
+    with start_run(cfg.run, warnings) as run:
         return pretrain(run, cfg)
 
 

@@ -17,6 +17,7 @@ number (``decoders.6.*``, ``decoders.12.*``); they share one fixed sin-cos posit
 Only the decoders of the supervised layers exist, so every parameter receives a gradient (DDP needs
 no ``find_unused_parameters``).
 """
+import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -97,9 +98,20 @@ class DeepMIMConfig:
         if unknown:
             raise UserError(f"Unknown loss {unknown}; valid: {sorted(LOSSES)}")
         if self.img_size % self.patch_size:
+            below = self.img_size // self.patch_size * self.patch_size
             raise UserError(
-                f"--input_size {self.img_size} is not a multiple of the patch size {self.patch_size}."
+                f"--input_size {self.img_size} is not a multiple of the patch size {self.patch_size}. Use e.g. "
+                f"--input_size {below or self.patch_size} or {below + self.patch_size}."
             )
+        for heads, width, names in ((self.num_heads, self.embed_dim, ("the encoder's num_heads", "embed_dim")),
+                                    (self.decoder_num_heads, self.decoder_embed_dim,
+                                     ("--decoder_num_heads", "--decoder_embed_dim"))):
+            if width % heads:  # attention splits the width evenly over the heads
+                divisors = [d for d in range(1, 65) if width % d == 0]
+                raise UserError(
+                    f"{names[0]} {heads} does not divide {names[1]} {width}: each head takes width / heads "
+                    f"channels. Use one of {', '.join(map(str, divisors))}."
+                )
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -243,7 +255,7 @@ class DeepMIM(nn.Module):
             x_kept [N, L_keep, D], mask [N, L] (0 keep, 1 remove), ids_restore [N, L].
         """
         n, length, d = x.shape
-        len_keep = int(length * (1 - mask_ratio))
+        len_keep = num_kept(length, mask_ratio)
         if noise is None:
             noise = torch.rand(n, length, device=x.device)
         elif noise.shape != (n, length):
@@ -340,6 +352,38 @@ class DeepMIM(nn.Module):
 MODELS = Registry("pre-training model")
 
 ENCODERS = VIT_ARCHS
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """Patches left visible by :meth:`DeepMIM.random_masking` (MAE's rounding: ``int(L * (1 - r))``)."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def check_mask_ratio(cfg: DeepMIMConfig, mask_ratio: float, model: str = "the model") -> None:
+    """Refuse a mask ratio that leaves no patch visible or removes none on ``cfg``'s patch grid.
+
+    Args:
+        cfg: the model config (its grid: ``img_size // patch_size`` squared).
+        mask_ratio: ``--mask_ratio``.
+        model: the model's name, for the message.
+    """
+    rows, cols = cfg.grid
+    length = rows * cols
+    where = f"the {rows}x{cols} patch grid of {model} at {cfg.img_size} px"
+    if length < 2:
+        raise UserError(f"--input_size {cfg.img_size} gives {model} a {rows}x{cols} patch grid: masking needs at least "
+                        f"2 patches (one kept, one removed). Use --input_size {2 * cfg.patch_size} or more.")
+    kept = num_kept(length, mask_ratio)
+    if 1 <= kept <= length - 1:
+        return
+    top = math.floor((1 - 1 / length) * 1000) / 1000  # the largest 3-decimal ratio that keeps a patch
+    while num_kept(length, top) < 1:
+        top -= 0.001
+    raise UserError(
+        f"--mask_ratio {mask_ratio:g} keeps {kept} of the {length} patches of {where}: "
+        f"{'no patch would stay visible' if kept < 1 else 'no patch would be masked'}. "
+        f"Use 0 < --mask_ratio <= {top:.3f} (MAE: 0.75)."
+    )
 
 
 def _entry(size: str, patch_size: int, **defaults: Any):

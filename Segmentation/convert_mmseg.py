@@ -33,8 +33,10 @@ from timm.layers import gen_relative_position_index  # noqa: E402
 
 import models_vit  # noqa: E402
 from Segmentation.data import ADE20K_CLASSES  # noqa: E402
+from Segmentation.inference import default_stride  # noqa: E402
 from Segmentation.models import STRIDES, SegConfig, default_out_indices  # noqa: E402
 from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
+from util.cli import Parser  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.registry import vit_heads  # noqa: E402
 
@@ -98,7 +100,7 @@ def to_mmseg(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     num_heads = sd[tables[0]].shape[1] if tables else vit_heads(embed_dim)
     classes = ckpt.get("classes") or (list(ADE20K_CLASSES) if cfg.num_classes == 150 else
                                       [f"class_{i}" for i in range(cfg.num_classes)])
-    stride = int(ckpt.get("args", {}).get("stride", 341))
+    stride = int(ckpt.get("args", {}).get("stride", default_stride(cfg.img_size)))
     meta = {"CLASSES": list(classes), "PALETTE": palette(len(classes)), "iter": int(ckpt.get("iteration", 0)),
             "epoch": int(ckpt.get("epoch", 0)), "config": mmseg_config(cfg, depth, embed_dim, num_heads, patch, stride),
             "exported_by": "DeepMIM Segmentation/convert_mmseg.py"}
@@ -169,13 +171,19 @@ def from_mmseg(obj: Dict[str, Any]) -> Dict[str, Any]:
         dropout=float(_config_value(config, "dropout_ratio", 0.1)),
     )
     classes = list(meta.get("CLASSES") or [])
+    # the config's test stride (test_cfg=dict(..., stride=(341, 341))) where it covers the crop, else the reference's rule
+    stride = _config_value(config.split("test_cfg", 1)[-1] if "test_cfg" in config else "", "stride")
+    stride = stride[0] if isinstance(stride, (tuple, list)) else stride
+    if not isinstance(stride, int) or not 1 <= stride <= cfg.img_size:
+        stride = default_stride(cfg.img_size)
     return {"model": out, "epoch": int(meta.get("epoch", 0)), "iteration": int(meta.get("iter", 0)),
-            "args": {"model": cfg.model}, "model_cfg": cfg.to_dict(), "classes": classes}
+            "args": {"model": cfg.model, "stride": stride}, "model_cfg": cfg.to_dict(), "classes": classes}
 
 
-def eval_flags(cfg: SegConfig) -> List[str]:
-    """The ``Segmentation/train.py`` flags that build ``cfg``."""
+def eval_flags(cfg: SegConfig, stride: int) -> List[str]:
+    """The ``Segmentation/train.py`` flags that build ``cfg`` and evaluate it with sliding windows every ``stride`` px."""
     flags = ["--model", cfg.model, "--num_classes", str(cfg.num_classes), "--crop_size", str(cfg.img_size),
+             "--stride", str(stride),
              "--out_indices", ",".join(map(str, cfg.out_indices)), "--channels", str(cfg.channels),
              "--aux_channels", str(cfg.aux_channels), "--aux_weight", str(cfg.aux_weight),
              "--pool_scales", ",".join(map(str, cfg.pool_scales))]
@@ -200,14 +208,20 @@ def main(args: argparse.Namespace) -> None:
         save_atomic(out, Path(args.dst))
         cfg = SegConfig.from_dict(out["model_cfg"])
         print(f"wrote {args.dst}: {len(out['model'])} tensors. Evaluate it with:\n  python Segmentation/train.py "
-              f"--eval --resume {args.dst} --data_path /path/to/ADEChallengeData2016 {' '.join(eval_flags(cfg))}")
+              f"--eval --resume {args.dst} --data_path /path/to/ADEChallengeData2016 "
+              f"{' '.join(eval_flags(cfg, out['args']['stride']))}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("Segmentation/convert_mmseg.py", "Convert segmentation checkpoints between this repo and mmseg 0.x")
+    p.add_argument("src", help="source checkpoint")
+    p.add_argument("dst", help="file to write")
+    p.add_argument("--to", required=True, choices=["mmseg", "ours"],
+                   help="target layout: mmseg's {'meta', 'state_dict'}, or this repo's (prints the --eval command)")
+    return p
 
 
 if __name__ == "__main__":
     from util.misc import run_cli
 
-    p = argparse.ArgumentParser("Convert segmentation checkpoints between this repo and mmseg 0.x")
-    p.add_argument("src", help="source checkpoint")
-    p.add_argument("dst", help="file to write")
-    p.add_argument("--to", required=True, choices=["mmseg", "ours"], help="target layout")
-    run_cli(main, p.parse_args())
+    run_cli(main, get_args_parser().parse_args())

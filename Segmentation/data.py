@@ -86,15 +86,20 @@ def class_names(root: Path, num_classes: Optional[int] = None) -> List[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def list_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
-    """(image, annotation) paths of ``split`` ('training' / 'validation'), paired by file stem."""
-    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
-    for d in (img_dir, ann_dir):
+def check_split(root: Path, split: str) -> None:
+    """Refuse a root without ``images/<split>`` and ``annotations/<split>`` (ADE20K's layout)."""
+    for d in (root / "images" / split, root / "annotations" / split):
         if not d.is_dir():
             raise UserError(
                 f"{d} does not exist. --data_path must be an ADEChallengeData2016 folder with "
                 f"images/{split}/*.jpg and annotations/{split}/*.png inside, or 'synthetic' for the built-in data."
             )
+
+
+def list_pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
+    """(image, annotation) paths of ``split`` ('training' / 'validation'), paired by file stem."""
+    check_split(root, split)
+    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMG_SUFFIXES)
     if not images:
         raise UserError(f"No images ({', '.join(IMG_SUFFIXES)}) in {img_dir}.")

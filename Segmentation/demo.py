@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script
 import torch  # noqa: E402
 
 from Segmentation import train  # noqa: E402
+from util.cli import Parser, nonneg_int, positive_int  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 
 RECIPE = ["--data_path", "synthetic", "--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device", "cpu",
@@ -35,9 +36,13 @@ def main(args: argparse.Namespace) -> None:
           f"{stats['images']} synthetic validation images; outputs in {args.output_dir}")
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("Segmentation/demo.py", "DeepMIM segmentation CPU demo: UperNet on a ViT-Ti/4, synthetic data")
+    p.add_argument("--output_dir", default="output_dir/seg_demo", help="checkpoints, log.txt and config.json")
+    p.add_argument("--num_workers", default=1, type=nonneg_int, metavar="N", help="data loading processes")
+    p.add_argument("--threads", default=1, type=positive_int, metavar="N", help="torch CPU threads of the training process")
+    return p
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser("DeepMIM segmentation CPU demo")
-    p.add_argument("--output_dir", default="output_dir/seg_demo")
-    p.add_argument("--num_workers", default=1, type=int)
-    p.add_argument("--threads", default=1, type=int, help="torch CPU threads of the training process")
-    run_cli(main, p.parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -16,7 +16,7 @@ the evaluation loop.
 """
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from Segmentation.data import rescale_size
 from Segmentation.metrics import intersect_and_union
 from util import dist as dist_util
+from util.errors import UserError
 from util.misc import autocast
 
 _log = logging.getLogger(__name__)
@@ -44,6 +45,37 @@ class InferenceConfig:
     ratios: Tuple[float, ...] = (1.0,)
     flip: bool = False
     crops_per_batch: int = 8
+
+
+def default_stride(crop: int) -> int:
+    """The reference's sliding-window stride for a crop: 2/3 of it (341 for 512, 21 for 32)."""
+    return max(1, crop * 2 // 3)
+
+
+def check_inference(crop: int, stride: int, mode: str, img_scale: Sequence[int], ratios: Sequence[float]) -> None:
+    """Refuse test settings that cannot predict every pixel, with the setting to use instead.
+
+    Args:
+        crop / stride: sliding-window size and step (``slide`` mode): windows further apart than
+            their size would leave pixels uncovered.
+        mode: ``slide`` or ``whole``.
+        img_scale / ratios: the resize (LONG, SHORT) and the scale factors it is used with (test
+            ratios, the smallest training ratio), which must leave at least one pixel.
+    """
+    if mode == "slide" and stride > crop:
+        raise UserError(
+            f"--stride {stride} is larger than --crop_size {crop}: sliding windows {crop} px wide every {stride} px "
+            f"would leave pixels uncovered. Use --stride {default_stride(crop)} (2/3 of the crop, as the reference's "
+            f"341 for 512), or any value in 1..{crop}."
+        )
+    for ratio in ratios:
+        short = int(min(img_scale) * ratio)
+        if short < 1:
+            raise UserError(
+                f"--img_scale {' '.join(map(str, img_scale))} at ratio {ratio:g} resizes images to a {short}-pixel short "
+                f"edge. Use a larger --img_scale or larger ratios (--ratio_range, --aug_ratios; the reference: 2048 512, "
+                f"0.5 2.0 and 0.5 ... 1.75)."
+            )
 
 
 def windows(h: int, w: int, crop: int, stride: int) -> List[Tuple[int, int, int, int]]:

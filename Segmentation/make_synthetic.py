@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.cli import Parser, positive_int, seed_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 
@@ -158,10 +159,15 @@ def main(args: argparse.Namespace) -> None:
           f"{len(CLASSES)} classes")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser("Write the synthetic ADE20K-layout dataset")
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("Segmentation/make_synthetic.py", "Write the synthetic ADE20K-layout dataset")
     p.add_argument("--out", required=True, help="folder to create (left as it is if it already holds the dataset)")
-    p.add_argument("--n_train", type=int, default=SPLIT_SIZES["training"])
-    p.add_argument("--n_val", type=int, default=SPLIT_SIZES["validation"])
-    p.add_argument("--seed", type=int, default=0)
-    run_cli(main, p.parse_args())
+    p.add_argument("--n_train", type=positive_int, default=SPLIT_SIZES["training"], metavar="N", help="training images")
+    p.add_argument("--n_val", type=positive_int, default=SPLIT_SIZES["validation"], metavar="N",
+                   help="validation images")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the images (each split draws its own)")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -113,8 +113,11 @@ class ViTBackbone(nn.Module):
                             f"(the reference uses {','.join(map(str, default_out_indices(depth)))}).")
         if any(2 ** round(math.log2(patch / s)) != patch / s for s in STRIDES):
             raise UserError(f"{cfg.model} has patch size {patch}; the pyramid needs a power of two (4, 8, 16, 32).")
-        if cfg.img_size % patch:
-            raise UserError(f"--crop_size {cfg.img_size} is not a multiple of the patch size {patch}.")
+        if cfg.img_size % patch or cfg.img_size < STRIDES[-1]:  # the stride-32 map needs at least 32 pixels
+            smallest = math.ceil(STRIDES[-1] / patch) * patch
+            raise UserError(f"--crop_size {cfg.img_size}: the crop must be a multiple of {cfg.model}'s patch size {patch} "
+                            f"and at least {STRIDES[-1]} pixels (the coarsest feature stride). Use e.g. "
+                            f"--crop_size {max(smallest, cfg.img_size // patch * patch)}.")
         self.out_indices = out
         self.patch_embed, self.cls_token, self.pos_embed, self.pos_drop = (
             vit.patch_embed, vit.cls_token, vit.pos_embed, vit.pos_drop)

@@ -26,11 +26,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from Segmentation import data  # noqa: E402
-from Segmentation.inference import AUG_RATIOS, InferenceConfig, evaluate  # noqa: E402
+from Segmentation.inference import AUG_RATIOS, InferenceConfig, check_inference, evaluate  # noqa: E402
 from Segmentation.metrics import format_table, summarize  # noqa: E402
 from Segmentation.models import (  # noqa: E402
     SegConfig,
     Segmentor,
+    ViTBackbone,
     load_pretrained,
     pixel_accuracy,
     seg_cross_entropy,
@@ -38,7 +39,23 @@ from Segmentation.models import (  # noqa: E402
 from util import checkpoint as ckpt_util  # noqa: E402
 from util import convert  # noqa: E402
 from util import dist as dist_util  # noqa: E402
-from util.cli import add_run_args, str2list  # noqa: E402
+from util.cli import (  # noqa: E402
+    OrderedPair,
+    Parser,
+    add_adamw_args,
+    add_run_args,
+    add_weights_args,
+    increasing,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    probability,
+    rate,
+    set_help,
+    share,
+    str2list,
+)
 from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
 from util.datasets import eval_loader  # noqa: E402
 from util.lr_sched import poly_schedule  # noqa: E402
@@ -50,67 +67,74 @@ from util.trainer import Commit, Job, Trainer, TrainerConfig  # noqa: E402
 _log = logging.getLogger("Segmentation.train")
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepMIM semantic segmentation: UperNet on the ViT (ADE20K)")
-    p.add_argument("--batch_size", default=2, type=int, help="images per GPU (reference: 2 x 8 GPUs = 16)")
-    p.add_argument("--iters", default=160000, type=int, help="training iterations (optimizer steps)")
+    p = Parser("Segmentation/train.py", "DeepMIM semantic segmentation: UperNet on the ViT (ADE20K)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", default=2, type=positive_int, metavar="N",
+                   help="images per GPU (reference: 2 x 8 GPUs = 16)")
+    g.add_argument("--iters", default=160000, type=positive_int, metavar="N", help="training iterations (optimizer steps)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="vit_base_patch16", help="registered ViT name (models_vit)")
-    m.add_argument("--num_classes", default=None, type=int,
+    m.add_argument("--num_classes", default=None, type=positive_int, metavar="N",
                    help="classes after reduce_zero_label (default: the dataset's; 150 for ADE20K)")
-    m.add_argument("--out_indices", default=None, type=str2list(int),
-                   help="1-based blocks feeding strides 4,8,16,32 (default depth/3, /2, 2/3, 1: 4,6,8,12 for ViT-B)")
-    m.add_argument("--drop_path", default=0.1, type=float, help="drop path rate")
+    m.add_argument("--out_indices", default=None, type=str2list(positive_int, increasing), metavar="LAYERS",
+                   help="4 increasing 1-based blocks feeding strides 4,8,16,32 (default: depth/3, /2, 2/3, 1: "
+                        "4,6,8,12 for ViT-B)")
+    m.add_argument("--drop_path", default=0.1, type=rate, help="drop path rate")
     m.add_argument("--no_rel_pos_bias", action="store_false", dest="rel_pos_bias",
                    help="no relative position bias (the reference uses one per block)")
-    m.add_argument("--init_values", default=1.0, type=float, help="layer scale initial value (0: no layer scale)")
-    m.add_argument("--channels", default=768, type=int, help="UPerHead channels")
-    m.add_argument("--pool_scales", default=(1, 2, 3, 6), type=str2list(int), help="PPM pooling scales")
-    m.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head channels")
-    m.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight (0: no auxiliary head)")
-    m.add_argument("--dropout_ratio", default=0.1, type=float, help="dropout before the classifiers")
-    m.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip gradient norm (default: off)")
+    m.add_argument("--init_values", default=1.0, type=nonneg_float, help="layer scale initial value (0: no layer scale)")
+    m.add_argument("--channels", default=768, type=positive_int, metavar="N", help="UPerHead channels")
+    m.add_argument("--pool_scales", default=(1, 2, 3, 6), type=str2list(positive_int), metavar="SCALES",
+                   help="PPM pooling scales")
+    m.add_argument("--aux_channels", default=256, type=positive_int, metavar="N", help="auxiliary FCN head channels")
+    m.add_argument("--aux_weight", default=0.4, type=nonneg_float, help="auxiliary loss weight (0: no auxiliary head)")
+    m.add_argument("--dropout_ratio", default=0.1, type=rate, help="dropout before the classifiers")
 
     o = p.add_argument_group("optimizer and schedule")
-    o.add_argument("--lr", default=5e-5, type=float,
+    o.add_argument("--lr", default=5e-5, type=positive_float, metavar="LR",
                    help="AdamW learning rate for the total batch (DeepMIM's 5e-5; MAE's recipe: 1e-4 with --layer_decay 0.65)")
-    o.add_argument("--layer_decay", default=0.9, type=float, help="layer-wise lr decay")
-    o.add_argument("--weight_decay", default=0.05, type=float)
-    o.add_argument("--warmup_iters", default=1500, type=int, help="linear warm-up iterations")
-    o.add_argument("--warmup_ratio", default=1e-6, type=float, help="lr factor at iteration 0 of the warm-up")
-    o.add_argument("--power", default=1.0, type=float, help="poly schedule power")
-    o.add_argument("--min_lr", default=0.0, type=float)
-    o.add_argument("--fused_adamw", default=None, action=argparse.BooleanOptionalAction,
-                   help="fused AdamW kernels (default: on for CUDA and CPU)")
+    o.add_argument("--warmup_iters", default=1500, type=nonneg_int, metavar="N", help="linear warm-up iterations")
+    o.add_argument("--warmup_ratio", default=1e-6, type=probability, help="lr factor at iteration 0 of the warm-up")
+    o.add_argument("--power", default=1.0, type=nonneg_float, help="poly schedule power")
+    o.add_argument("--min_lr", default=0.0, type=nonneg_float, metavar="LR", help="lr at the last iteration")
+    add_adamw_args(o, weight_decay=0.05, layer_decay=0.9)
 
-    d = p.add_argument_group("data")
-    d.add_argument("--crop_size", default=512, type=int, help="training crop (and sliding window) size")
-    d.add_argument("--img_scale", default=(2048, 512), type=int, nargs=2, metavar=("LONG", "SHORT"),
-                   help="resize scale: long edge <= LONG and short edge <= SHORT, keeping the ratio")
-    d.add_argument("--ratio_range", default=(0.5, 2.0), type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="random scale factor of the training resize")
-    d.add_argument("--cat_max_ratio", default=0.75, type=float, help="largest share of one class in a training crop")
-
-    e = p.add_argument_group("weights and evaluation")
-    e.add_argument("--finetune", default="", help="pre-trained encoder: any checkpoint main_finetune.py --finetune accepts")
-    e.add_argument("--finetune_sha256", default=None, help="expected sha256 (prefix) of a downloaded --finetune")
+    e = add_weights_args(p)
     e.add_argument("--eval", action="store_true", help="only evaluate --resume (default: newest in --output_dir)")
-    e.add_argument("--mode", default="slide", choices=["slide", "whole"], help="test mode")
-    e.add_argument("--stride", default=341, type=int, help="sliding-window stride")
+    e.add_argument("--mode", default="slide", choices=["slide", "whole"],
+                   help="test mode: sliding windows of --crop_size every --stride pixels, or the whole image")
+    e.add_argument("--stride", default=341, type=positive_int, metavar="PX",
+                   help="sliding-window stride, at most --crop_size (the reference: 2/3 of the crop)")
     e.add_argument("--aug_test", action="store_true", help="multi-scale (--aug_ratios) + flip testing")
-    e.add_argument("--aug_ratios", default=AUG_RATIOS, type=str2list(float), help="scales of --aug_test")
-    e.add_argument("--crops_per_batch", default=8, type=int, help="sliding windows per forward pass")
-    e.add_argument("--eval_every", default=16000, type=int, help="iterations between evaluations")
-    e.add_argument("--save_every", default=16000, type=int,
-                   help="iterations between numbered checkpoints (checkpoint-<iteration>.pth)")
-    e.add_argument("--save_last_every", default=1000, type=int, help="iterations between checkpoint-last.pth writes")
-    add_run_args(p, by_epoch=False)
+    e.add_argument("--aug_ratios", default=AUG_RATIOS, type=str2list(positive_float), metavar="RATIOS",
+                   help="scales of --aug_test")
+    e.add_argument("--crops_per_batch", default=8, type=positive_int, metavar="N",
+                   help="sliding windows per forward pass")
+    e.add_argument("--eval_every", default=16000, type=nonneg_int, metavar="N",
+                   help="iterations between evaluations (0: only at the end)")
+    groups = add_run_args(p, by_epoch=False)
+    groups["output"].add_argument("--save_every", default=16000, type=positive_int, metavar="N",
+                                  help="iterations between numbered checkpoints (checkpoint-<iteration>.pth)")
+    groups["output"].add_argument("--save_last_every", default=1000, type=nonneg_int, metavar="N",
+                                  help="iterations between checkpoint-last.pth writes (0: only with the numbered ones "
+                                       "and at the end)")
+
+    d = groups["data"]
+    d.add_argument("--crop_size", default=512, type=positive_int, metavar="PX",
+                   help="training crop and sliding window, a multiple of the patch size and >= 32")
+    d.add_argument("--img_scale", default=(2048, 512), type=positive_int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="resize scale: long edge <= LONG and short edge <= SHORT, keeping the ratio")
+    d.add_argument("--ratio_range", default=(0.5, 2.0), type=positive_float, nargs=2, metavar=("MIN", "MAX"),
+                   action=OrderedPair, help="random scale factor of the training resize, MIN <= MAX")
+    d.add_argument("--cat_max_ratio", default=0.75, type=share,
+                   help="largest share of one class in a training crop (1: no limit)")
     p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
-    for action in p._actions:  # the shared flags, in this script's units
-        action.help = {
-            "data_path": "ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the built-in data",
-            "log_every": "iterations between log lines, log.txt lines and TensorBoard points",
-        }.get(action.dest, action.help)
+    set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
+                          "built-in data",
+             log_every="iterations between log lines, log.txt lines and TensorBoard points",
+             finetune="pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, random "
+                      "initialisation)")
     return p
 
 
@@ -151,6 +175,24 @@ class SegFlags(FlagConfig):
     crops_per_batch: int = 8
     eval_every: int = 16000
     save_last_every: int = 1000
+
+    def validate(self, train: TrainConfig) -> List[str]:
+        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
+        parser's, ``util/cli.py``): the model (name, ``--out_indices`` within its depth, ``--crop_size``
+        vs its patch size), the sliding windows and resize scales, the data folders, the schedule.
+        Returns warnings for ``start_run`` to log."""
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            ViTBackbone(self.model_config(self.num_classes or len(data.ADE20K_CLASSES)))
+        ratios = tuple(self.aug_ratios) if self.aug_test else (1.0,)
+        check_inference(self.crop_size, self.stride, self.mode, self.img_scale,
+                        ratios if self.eval else (*ratios, self.ratio_range[0]))
+        if train.data_path != data.SYNTHETIC:
+            for split in ["val"] if self.eval else ["train", "val"]:
+                data.check_split(Path(train.data_path), data.SPLITS[split])
+        if not self.eval and self.warmup_iters > train.iters:
+            return [f"--warmup_iters {self.warmup_iters} exceeds --iters {train.iters}: the learning rate stays in "
+                    f"its linear warm-up"]
+        return []
 
     def model_config(self, num_classes: int) -> SegConfig:
         return SegConfig(
@@ -247,7 +289,8 @@ class SegmentationJob(Job):
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     flags = flag_dict(args)
     cfg = (RunConfig.from_flags(flags), TrainConfig.from_flags(flags), SegFlags.from_flags(flags))
-    with start_run(cfg[0]) as run:
+    warnings = cfg[2].validate(cfg[1])  # a bad combination of flags stops here: nothing written yet
+    with start_run(cfg[0], warnings) as run:
         return segment(run, *cfg[1:], flags)
 
 

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
+from util.cli import Parser, positive_int  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
@@ -50,13 +51,13 @@ _log = logging.getLogger("attention_analysis")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Attention distance and diversity per layer")
+    p = Parser("tools/attention_analysis.py", "Attention distance and diversity per layer")
     add_checkpoint_args(p)
     p.add_argument("--data_path", default="digits", help="ImageFolder root with val/ inside, or 'digits'")
-    p.add_argument("--num_images", default=256, type=int, help="first N validation images")
-    p.add_argument("--batch_size", default=64, type=int)
-    p.add_argument("--output_dir", default="output_dir/attention")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num_images", default=256, type=positive_int, metavar="N", help="first N validation images")
+    p.add_argument("--batch_size", default=64, type=positive_int, metavar="N", help="images per forward pass")
+    p.add_argument("--output_dir", default="output_dir/attention", help="results (JSON) and the plots")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p
 
 

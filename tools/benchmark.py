@@ -38,6 +38,7 @@ import main_pretrain  # noqa: E402
 import models_deepmim  # noqa: E402
 import models_vit  # noqa: E402
 from targets.base import compute_targets  # noqa: E402
+from util.cli import Parser, nonneg_int, positive_float, positive_int, usage_error  # noqa: E402
 from util.dist import resolve_device  # noqa: E402
 from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything  # noqa: E402
 from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
@@ -89,6 +90,7 @@ class Bench:
             if bench_args.random_clip and not args.clip_path:
                 args.clip_path = random_clip_file(models_deepmim.model_config(args.model, img_size=args.input_size))
             pcfg = main_pretrain.PretrainConfig.from_args(args)
+            pcfg.validate()
             cfg, self.targets, self.layer_targets = main_pretrain.build_model_and_targets(
                 pcfg.model, pcfg.targets, self.device, self.amp, pcfg.train.compile)
             self.model = models_deepmim.DeepMIM(cfg).to(self.device)
@@ -264,18 +266,22 @@ def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DeepMIM benchmark", epilog="Arguments after -- go to main_pretrain / main_finetune.")
-    p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per setting first (compilation happens here)")
-    p.add_argument("--rounds", type=int, default=4, help="alternation rounds over the settings")
+    p = Parser("tools/benchmark.py", "DeepMIM training-step benchmark",
+               epilog="Arguments after -- go to main_pretrain / main_finetune.")
+    p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain", help="which script's step to time")
+    p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="timed steps per setting")
+    p.add_argument("--warmup", type=nonneg_int, default=3, metavar="N",
+                   help="untimed steps per setting first (compilation happens here)")
+    p.add_argument("--rounds", type=positive_int, default=4, metavar="N", help="alternation rounds over the settings")
     p.add_argument("--compare", nargs="+", default=None, metavar="FLAGS",
-                   help='settings to compare, each a string of script flags added to the base ("" = base)')
+                   help='settings to compare, each a string of script flags added to the base ("" = base; '
+                        'default: the base alone)')
     p.add_argument("--random_clip", action="store_true", help="time the CLIP target with a random ViT-B/16 tower")
     p.add_argument("--real_data", action="store_true", help="load batches with the real loader from --data_path")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
-    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: known GPUs' bf16)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--peak_tflops", type=positive_float, default=None,
+                   help="device peak for MFU (default: known GPUs' bf16)")
+    p.add_argument("--json", default=None, help="write the results here (default: print only)")
     return p
 
 
@@ -297,7 +303,7 @@ def split_argv(argv: List[str], own_flags: List[str]):
             j += 1
         compare = argv[i + 1:j]
         if not compare:
-            raise SystemExit('error: --compare needs at least one setting (a string of flags, "" for the base)')
+            usage_error('--compare needs at least one setting (a string of flags, "" for the base)')
         argv = argv[:i] + argv[j:]
     return argv, compare, rest
 
@@ -310,8 +316,6 @@ def parse_cli(argv: List[str]):
     parsed = parser.parse_args(own)
     if compare is not None:
         parsed.compare = compare
-    if parsed.steps < 1 or parsed.rounds < 1:
-        raise SystemExit("error: --steps and --rounds must be at least 1")
     return parsed, rest
 
 

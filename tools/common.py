@@ -7,6 +7,7 @@ import torch
 
 from models_deepmim import DeepMIMConfig, default_ds_layers
 from util import convert
+from util.cli import positive_int
 from util.errors import UserError
 
 
@@ -16,8 +17,10 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoints of any layout util/convert.load_encoder reads")
     p.add_argument("--names", nargs="+", default=None, help="one label per checkpoint (default: the paths)")
     p.add_argument("--model", default=None, help="registered ViT name (default: read the shapes off the checkpoint)")
-    p.add_argument("--num_heads", default=None, type=int, help="encoder heads when inferring (default: standard)")
-    p.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
+    p.add_argument("--num_heads", default=None, type=positive_int, metavar="N",
+                   help="encoder heads when inferring (default: the standard count for the width)")
+    p.add_argument("--input_size", default=None, type=positive_int, metavar="PX",
+                   help="image size (default: the checkpoint's)")
 
 
 def checkpoint_names(args: argparse.Namespace) -> List[str]:

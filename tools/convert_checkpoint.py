@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.common import release_to_ours  # noqa: E402
 from util import convert, serialization  # noqa: E402
 from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
-from util.cli import str2list  # noqa: E402
+from util.cli import Parser, increasing, positive_int, str2list  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 from util.registry import vit_heads  # noqa: E402
@@ -47,17 +47,20 @@ GENERIC_TIMM_NAME = "vit_base_patch16_224"  # for other shapes: its entry, with 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Convert DeepMIM / MAE / timm checkpoints")
+    p = Parser("tools/convert_checkpoint.py", "Convert DeepMIM / MAE / timm checkpoints")
     p.add_argument("src", help="input checkpoint: a file, a published name (e.g. mae_pretrain_vit_base) or a URL")
     p.add_argument("dst", help="output file")
-    p.add_argument("--to", required=True, choices=["ours", "reference", "timm", "encoder", "backbone"])
+    p.add_argument("--to", required=True, choices=["ours", "reference", "timm", "encoder", "backbone"],
+                   help="output layout: this repo's, the reference DeepMIM release's, a timm ViT state dict, the "
+                        "encoder alone, or the encoder with mmseg's 'backbone.' prefix")
     p.add_argument("--format", choices=["torch", "safetensors"], default=None,
                    help="output format (default: safetensors when dst ends in .safetensors, else torch)")
-    p.add_argument("--ds_layers", type=str2list(int), default=None,
+    p.add_argument("--ds_layers", type=str2list(positive_int, increasing), default=None, metavar="LAYERS",
                    help="--to ours: the encoder layers of the reference decoders 1..N (default 6,8,10,12 for depth 12)")
-    p.add_argument("--num_heads", type=int, default=None,
+    p.add_argument("--num_heads", type=positive_int, default=None, metavar="N",
                    help="encoder heads (weights do not show them; default: the checkpoint's model_cfg, else standard)")
-    p.add_argument("--decoder_num_heads", type=int, default=None, help="--to ours: decoder heads (default 16)")
+    p.add_argument("--decoder_num_heads", type=positive_int, default=None, metavar="N",
+                   help="--to ours: decoder heads (default: 16)")
     return p
 
 

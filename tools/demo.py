@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
+from util.cli import Parser, nonneg_int  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 
 PRETRAIN = ["--data_path", "digits", "--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--device", "cpu",
@@ -37,8 +38,12 @@ def main(args: argparse.Namespace) -> None:
     print(f"demo: fine-tuned val top-1 {stats['max_accuracy']:.2f}% (best epoch); outputs in {out}")
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("tools/demo.py", "DeepMIM CPU demo: pre-training on the built-in digits, then fine-tuning")
+    p.add_argument("--output_dir", default="output_dir/demo", help="one sub-folder per stage (pretrain/, finetune/)")
+    p.add_argument("--num_workers", default=1, type=nonneg_int, metavar="N", help="data loading processes")
+    return p
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser("DeepMIM CPU demo")
-    p.add_argument("--output_dir", default="output_dir/demo")
-    p.add_argument("--num_workers", default=1, type=int)
-    run_cli(main, p.parse_args())
+    run_cli(main, get_args_parser().parse_args())

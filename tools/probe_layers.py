@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
+from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
 
@@ -43,21 +44,25 @@ _log = logging.getLogger("probe_layers")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Linear-probe accuracy of every encoder layer")
+    p = Parser("tools/probe_layers.py", "Linear-probe accuracy of every encoder layer")
     add_checkpoint_args(p)
     p.add_argument("--data_path", default="digits", help="ImageFolder root with train/ and val/, or 'digits'")
-    p.add_argument("--output_dir", default="output_dir/probe_layers")
+    p.add_argument("--output_dir", default="output_dir/probe_layers", help="results (JSON) and the plot")
     p.add_argument("--recipe", default="fast", choices=["fast", "linprobe"],
                    help="fast: logistic regression on cached features; linprobe: print main_linprobe.py commands")
-    p.add_argument("--pool", nargs="+", default=["token", "avg"], choices=["token", "avg"])
-    p.add_argument("--train_per_class", nargs="+", type=int, default=[0],
+    p.add_argument("--pool", nargs="+", default=["token", "avg"], choices=["token", "avg"],
+                   help="features probed: the cls token and / or the average of the patch tokens")
+    p.add_argument("--train_per_class", nargs="+", type=nonneg_int, default=[0], metavar="N",
                    help="training images per class for the probe (0: all); several values give several probes")
-    p.add_argument("--C", default=1.0, type=float, help="inverse L2 regularisation strength of the logistic regression")
-    p.add_argument("--max_iter", default=1000, type=int, help="L-BFGS iterations of the logistic regression")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--batch_size", default=256, type=int, help="images per forward pass")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--nproc_per_node", default=8, type=int, help="--recipe linprobe: GPUs per command")
+    p.add_argument("--C", default=1.0, type=positive_float,
+                   help="inverse L2 regularisation strength of the logistic regression")
+    p.add_argument("--max_iter", default=1000, type=positive_int, metavar="N",
+                   help="L-BFGS iterations of the logistic regression")
+    p.add_argument("--seed", default=0, type=seed_int, help="seed of the training-image subsets")
+    p.add_argument("--batch_size", default=256, type=positive_int, metavar="N", help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--nproc_per_node", default=8, type=positive_int, metavar="N",
+                   help="--recipe linprobe: GPUs per command")
     return p
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from tools.demo import FINETUNE, PRETRAIN  # noqa: E402
+from util.cli import Parser, positive_int, seed_int  # noqa: E402
 from util.datasets import resolve_data_path  # noqa: E402
 from util.misc import check_writable, fmt_seconds, run_cli, save_json  # noqa: E402
 
@@ -52,14 +53,16 @@ COLORS = {"init": "0.6", "mae": "C0", "deepmim": "C3"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MAE vs DeepMIM on the built-in digits")
+    p = Parser("tools/run_experiments.py", "MAE vs DeepMIM on the built-in digits")
     p.add_argument("--output_dir", default="experiments", help="results, tables and plots (committed)")
     p.add_argument("--work_dir", default="output_dir/experiments", help="checkpoints and logs of every run")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=20, help="pre-training epochs (both configs)")
-    p.add_argument("--ft_epochs", type=int, default=6, help="fine-tuning epochs")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes at once")
-    p.add_argument("--num_images", type=int, default=256, help="validation images for the attention analysis")
+    p.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2], help="one run of each config per seed")
+    p.add_argument("--epochs", type=positive_int, default=20, metavar="N", help="pre-training epochs (both configs)")
+    p.add_argument("--ft_epochs", type=positive_int, default=6, metavar="N", help="fine-tuning epochs")
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="processes at once")
+    p.add_argument("--num_images", type=positive_int, default=256, metavar="N",
+                   help="validation images for the attention analysis")
     return p
 
 

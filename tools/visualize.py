@@ -36,6 +36,7 @@ from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify  # n
 from tools.common import release_to_ours  # noqa: E402
 from util import convert  # noqa: E402
 from util.checkpoint import read_checkpoint  # noqa: E402
+from util.cli import Parser, mask_fraction, positive_int, seed_int  # noqa: E402
 from util.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -43,13 +44,15 @@ from util.misc import run_cli  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Reconstructions of every supervised layer")
+    p = Parser("tools/visualize.py", "Reconstructions of every supervised layer")
     p.add_argument("checkpoint", help="pre-training checkpoint of this repo (with model_cfg)")
     p.add_argument("--data_path", default="digits", help="ImageFolder root with val/ inside, or 'digits'")
-    p.add_argument("--num_images", default=4, type=int, help="images (rows): one per class, in class order")
-    p.add_argument("--mask_ratio", default=None, type=float, help="default: the checkpoint's (0.75)")
-    p.add_argument("--seed", default=0, type=int, help="seed of the masking noise")
-    p.add_argument("--clip_path", default=None, help="CLIP weights for a CLIP-target checkpoint")
+    p.add_argument("--num_images", default=4, type=positive_int, metavar="N",
+                   help="images (rows): one per class, in class order")
+    p.add_argument("--mask_ratio", default=None, type=mask_fraction,
+                   help="fraction of patches removed (default: the checkpoint's, 0.75)")
+    p.add_argument("--seed", default=0, type=seed_int, help="seed of the masking noise")
+    p.add_argument("--clip_path", default=None, help="CLIP weights for a CLIP-target checkpoint (default: none)")
     p.add_argument("--out", default="output_dir/reconstruction.png", help="PNG to write")
     return p
 
@@ -185,6 +188,7 @@ def main(args: argparse.Namespace) -> Path:
         with torch.no_grad():
             targets = CLIPTeacher(load_clip_visual(clip_path, clip_model, ckpt_args.get("clip_pretrained")))(imgs)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else float(ckpt_args.get("mask_ratio", 0.75))
+    models_deepmim.check_mask_ratio(cfg, mask_ratio, args.checkpoint)
     rec = reconstruct(model, imgs, bool(ckpt_args.get("norm_pix_loss", False)), mask_ratio, args.seed, targets)
     fig = draw(imgs, rec, list(cfg.ds_layers), cfg.grid)
     out = Path(args.out)

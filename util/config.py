@@ -9,7 +9,9 @@ frozen instances, and hands those to the builders and the trainer. What a checkp
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+
+from util.errors import UserError
 
 C = TypeVar("C", bound="FlagConfig")
 Flags = Union[argparse.Namespace, Mapping[str, Any]]
@@ -95,3 +97,18 @@ class OptimConfig(FlagConfig):
         """The one lr-scaling rule (MAE): ``lr = blr * total batch / 256`` unless ``--lr`` is given;
         total batch = per-process batch x accumulation steps x processes."""
         return self if self.lr is not None else self.replace(lr=self.blr * total_batch / 256)
+
+
+def check_schedule(train: TrainConfig, optim: OptimConfig) -> List[str]:
+    """The cross-flag checks of an epoch-based schedule (the per-flag ranges are the parser's).
+
+    Returns warnings for :func:`util.runner.start_run` to log: a warm-up longer than the run is
+    legal (short test runs use it) but rarely meant.
+    """
+    if train.start_epoch >= train.epochs:
+        raise UserError(f"--start_epoch {train.start_epoch} is not below --epochs {train.epochs}: nothing would be "
+                        f"trained. Use --start_epoch 0..{train.epochs - 1}, or raise --epochs.")
+    if optim.warmup_epochs > train.epochs:
+        return [f"--warmup_epochs {optim.warmup_epochs:g} exceeds --epochs {train.epochs}: the learning rate stays in "
+                f"its linear warm-up and ends at {train.epochs / optim.warmup_epochs:.0%} of its peak"]
+    return []

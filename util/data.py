@@ -12,7 +12,15 @@ from typing import Iterable, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
-from util.datasets import FolderData, check_classes, classification_datasets, eval_loader, image_folder, resolve_data_path
+from util.datasets import (
+    FolderData,
+    check_classes,
+    check_folders,
+    classification_datasets,
+    eval_loader,
+    image_folder,
+    resolve_data_path,
+)
 from util.decode import collate as decode_collate
 from util.decode import nvjpeg_finisher
 from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, open_shards
@@ -91,3 +99,13 @@ def classification_data(data_path: str, train_transform, val_transform, nb_class
     train = FolderData(train_set, batch_size, rank, world_size, seed, num_workers, pin_mem,
                        collate_fn=decode_collate if finish is not None else None, finish=finish) if need_train else None
     return train, eval_loader(val_set, batch_size, eval_rank, eval_world, num_workers, pin_mem), nb_classes
+
+
+def check_data(data_path: str, splits: List[str]) -> None:
+    """Refuse a ``--data_path`` that lacks these splits before a run starts: the folders of an
+    ImageFolder root (``util.datasets.check_folders``), the index of each split of shards."""
+    if is_shard_spec(data_path):
+        for split in splits:
+            open_shards(data_path, split)
+    else:
+        check_folders(data_path, splits)

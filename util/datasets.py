@@ -41,6 +41,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 BUILTIN = "digits"
 DIGITS_SIZE = 32
 DIGITS_VAL_FRACTION = 0.2
+SPLIT_NAMES = {"train": "training", "val": "validation"}  # folder -> what the messages call it
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,13 +125,30 @@ def _load_image(path: str) -> Image.Image:
         raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
 
 
-def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
-    """``torchvision`` ImageFolder at ``root`` with clear errors for what users get wrong."""
+def _require_folder(root: Path, split: str) -> None:
     if not root.is_dir():
         raise UserError(
-            f"{split} folder {str(root)!r} does not exist. --data_path must contain {split}/<class>/<image> "
+            f"{split} folder {str(root)!r} does not exist. --data_path must contain {root.name}/<class>/<image> "
             f"(the ImageNet layout), or be 'digits' for the built-in dataset."
         )
+
+
+def check_folders(data_path: str, folders: Sequence[str]) -> None:
+    """Refuse a ``--data_path`` without these sub-folders (``train``, ``val``) before a run starts:
+    the message :func:`image_folder` would give later, once the output folder exists. The built-in
+    dataset is not checked (it is written on first use)."""
+    if data_path != BUILTIN:
+        for name in folders:
+            _require_folder(Path(data_path) / name, SPLIT_NAMES.get(name, name))
+
+
+def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
+    """``torchvision`` ImageFolder at ``root`` with clear errors for what users get wrong.
+
+    Args:
+        split: what the folder holds, for the messages (``"training"``, ``"validation"``).
+    """
+    _require_folder(root, split)
     # a transform that decodes itself (util.decode) gets the file's bytes
     loader = read_encoded if getattr(transform, "accepts_encoded", False) else _load_image
     try:
@@ -388,6 +406,18 @@ def finetune_transform(input_size: int, aug: AugConfig):
     ))
 
 
+def check_augmentation(aug: AugConfig, input_size: int) -> None:
+    """Build the fine-tuning transform once, so that a policy timm cannot parse (``--aa``) stops the
+    script before a run starts, with one message instead of timm's assertion."""
+    try:
+        finetune_transform(input_size, aug)
+    except Exception as e:  # timm asserts deep inside its policy parser
+        raise UserError(
+            f"--aa {aug.aa!r}: timm cannot build this augmentation ({e}). Use a RandAugment policy such as "
+            f"rand-m9-mstd0.5-inc1, an AutoAugment one (original, v0), augmix-m5, or none."
+        ) from None
+
+
 def linprobe_transform(input_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5
                        ) -> transforms.Compose:
     """MAE's linear-probing augmentation: RandomResizedCrop (bicubic) + flip + normalize."""
@@ -407,8 +437,8 @@ def classification_datasets(data_path: str, train_transform, val_transform, nb_c
     (labels would run past the head), more is allowed with a warning.
     """
     root = resolve_data_path(data_path)
-    val = image_folder(root / "val", val_transform, "validation")
-    train = image_folder(root / "train", train_transform, "training") if need_train else None
+    val = image_folder(root / "val", val_transform, SPLIT_NAMES["val"])
+    train = image_folder(root / "train", train_transform, SPLIT_NAMES["train"]) if need_train else None
     nb_classes = check_classes(train.classes if train is not None else None, val.classes, nb_classes, str(root),
                                "class folders")
     return train, val, nb_classes

@@ -16,7 +16,7 @@ network-file-system view and never wait forever in a collective for a rank 0 tha
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -161,8 +161,13 @@ def claim_output_dir(output_dir: str) -> Claim:
     return Claim(out, lock, removed, kept)
 
 
-def start_run(cfg: RunConfig) -> Run:
-    """Initialise everything a script needs before it builds data and models."""
+def start_run(cfg: RunConfig, warnings: Sequence[str] = ()) -> Run:
+    """Initialise everything a script needs before it builds data and models.
+
+    Args:
+        cfg: the run flags.
+        warnings: what the script's flag checks found legal but suspicious, logged once logging is set up.
+    """
     stop = StopSignal(cfg.stop_check_every)
     stop.install()  # first: a signal during start-up is then recorded, not fatal
     claim: List[Claim] = []  # rank 0's, once made
@@ -173,6 +178,9 @@ def start_run(cfg: RunConfig) -> Run:
         on_rank0(info.rank == 0, lambda: claim.append(claim_output_dir(cfg.output_dir)))
         out_dir = claim[0].out if claim else check_writable(cfg.output_dir)
         setup_logging(info.rank, str(out_dir) if info.rank == 0 else None)
+        if info.rank == 0:
+            for message in warnings:
+                _log.warning("%s", message)
         if info.distributed:
             _log.info("distributed (%s, %s): %d processes; master %s:%s", info.launcher, torch.distributed.get_backend(),
                       info.world_size, info.master_addr, info.master_port)
