@@ -368,3 +368,31 @@ def test_attention_images_are_a_seeded_class_balanced_sample(small_folder):
     assert len(attention_analysis.balanced_sample(labels, 1000)) == 40
     imgs = attention_analysis.load_images(str(small_folder), 16, 20, seed=0)
     assert torch.equal(imgs, torch.stack([val[i][0] for i in picks]))
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys, tmp_path):
+    from tools import make_shards
+    from tools import run_experiments as study
+    from tools.common import progress
+
+    for _ in progress(range(50), desc="slow loop", unit="img"):  # the default interval: the first and the last line
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("slow loop:   0% 0/50") and lines[-1].startswith("slow loop: 100% 50/50")
+    assert len(lines) <= 3 and not any("\r" in line for line in lines)
+
+    log = make_shards.ShardProgress()  # write_shards' messages, every tenth of the shards, drive a bar with an ETA
+    for k in (1, 2, 3, 4):
+        log(f"train: {k}/4 shards, {10 * k} images")
+    log("something else")
+    err, out = capsys.readouterr()[::-1]
+    assert "train shards:  50% 2/4" in err and err.strip().splitlines()[-1].startswith("train shards: 100% 4/4")
+    assert "40 images" in err and out == "something else\n"
+
+    # the study reruns a probe whose file is still partial (probe_layers.json is written as it goes)
+    path = tmp_path / "probe_layers.json"
+    assert not study.finished(path) and not study.finished(None)
+    path.write_text(json.dumps({"results": {}, "complete": False}))
+    assert not study.finished(path)
+    path.write_text(json.dumps({"results": {}, "complete": True}))
+    assert study.finished(path)
