@@ -76,7 +76,7 @@ from util.data import build_eval_data, classification_data  # noqa: E402
 from util.datasets import eval_transform, linprobe_transform, with_decode  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.lr_sched import cosine_schedule  # noqa: E402
-from util.misc import autocast, derive_seed, make_scaler, run_cli, save_json  # noqa: E402
+from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, save_json  # noqa: E402
 from util.runner import Run, start_run  # noqa: E402
 from util.shards import ShardEvalData, is_shard_spec, open_shards  # noqa: E402
 from util.trainer import Commit, Job, Trainer, epoch_trainer_config  # noqa: E402
@@ -547,6 +547,7 @@ class LinearEvalJob(Job):
 
     def result(self, trainer: Trainer, elapsed: float) -> Dict[str, Any]:
         self.close()
+        _log.info("training time %s", fmt_seconds(elapsed))
         self.run.on_main(lambda: self.write(complete=True))
         doc = self.document(complete=True)
         if self.run.is_main:
