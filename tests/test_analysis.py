@@ -297,3 +297,102 @@ def test_study_statistics_and_tables_from_constructed_run_files(tmp_path):
     assert "| last epoch | 82.0 ± 2.8 | 82.0 ± 2.8 | +0.0 ± 2.8 |" in md
     assert "| 1 | 50.5 ± 0.7 | 60.5 ± 0.7 | 70.5 ± 0.7 | +10.0 ± 0.7 |" in md  # avg probe, layer 1
     assert "10 training images per class" in md
+
+
+# --------------------------------------------------------------------------------------------
+# the tools' progress, partial results, model-matching commands and image sample (issue 13)
+
+
+def test_probe_tool_writes_as_it_goes_and_a_rerun_skips_what_is_done(two_checkpoints, small_folder, tmp_path):
+    out, broken = tmp_path / "probe", tmp_path / "broken.pth"
+    torch.save({"model": {"not_an_encoder.weight": torch.zeros(2)}}, broken)
+    common = ["--names", "ours", "enc", "--data_path", small_folder, "--output_dir", out, "--max_iter", 100]
+    with pytest.raises(UserError, match="not a ours / reference / mae / encoder checkpoint"):
+        run(probe_layers, two_checkpoints[0], broken, *common)
+    saved = json.loads((out / "probe_layers.json").read_text())  # the first checkpoint's probes survived the failure
+    assert saved["complete"] is False and set(saved["results"]) == {"ours"}
+    first = saved["results"]["ours"]
+    assert {k: len(v) for k, v in first.items()} == {"token": 4, "avg": 4}
+
+    # a rerun keeps what is there (a marked value stays) and probes only what is missing (cut layers come back)
+    (out / "probe_layers.json").write_text(json.dumps({**saved, "results": {"ours": {
+        "token": [-1.0, *first["token"][1:]], "avg": first["avg"][:2]}}}))
+    results = run(probe_layers, *two_checkpoints, *common)
+    assert results["ours"]["token"] == [-1.0, *first["token"][1:]]
+    assert results["ours"]["avg"] == first["avg"]
+    assert set(results) == {"ours", "enc"} and len(results["enc"]["avg"]) == 4
+    final = json.loads((out / "probe_layers.json").read_text())
+    assert final["complete"] is True and final["results"] == results
+
+    results = run(probe_layers, *two_checkpoints, *common[:-1], 150)  # other settings: everything again
+    assert results["ours"]["token"][0] != -1.0
+
+
+def test_linprobe_recipe_commands_build_the_model_each_checkpoint_holds(tmp_path, capsys):
+    import main_linprobe
+    from tools.common import tool_device
+
+    pretrain = models_deepmim.create_model("deepmim_vit_tiny_patch4", img_size=16, decoder_depth=1, ds_layers=[12])
+    torch.save({"model": pretrain.state_dict(), "model_cfg": pretrain.cfg.to_dict(), "epoch": 0,
+                "args": {"model": "deepmim_vit_tiny_patch4", "input_size": 16}}, tmp_path / "pretrain.pth")
+    finetuned = models_vit.create_model("vit_small_patch16", img_size=64, num_classes=10, depth=2)
+    torch.save({"model": finetuned.state_dict(), "args": {"model": "vit_small_patch16", "input_size": 64,
+                                                          "global_pool": True}}, tmp_path / "finetuned.pth")
+    run(probe_layers, tmp_path / "pretrain.pth", tmp_path / "finetuned.pth", "--names", "ti", "s", "--recipe",
+        "linprobe", "--data_path", "/imagenet")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 12 + 2 and not any("vit_base_patch16" in line for line in lines)
+    for line, (model, size, pool) in zip(lines, [("vit_tiny_patch4", 16, "--cls_token")] * 12
+                                         + [("vit_small_patch16", 64, "--global_pool")] * 2):
+        assert f"--model {model} --input_size {size} {pool}" in line
+        flags = main_linprobe.get_args_parser().parse_args(line.split("main_linprobe.py ")[1].split())
+        assert (flags.model, flags.input_size, flags.global_pool) == (model, size, pool == "--global_pool")
+    # the analysis tools run on the GPU when there is one
+    for tool in (probe_layers, attention_analysis):
+        assert tool.get_args_parser().parse_args(["x.pth"]).device == ""
+    assert tool_device("").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_attention_images_are_a_seeded_class_balanced_sample(small_folder):
+    few = [0, 0, 0, 1, 1, 2]  # round robin: one of each class, then class 0 again (the others ran out)
+    assert np.bincount(np.take(few, attention_analysis.balanced_sample(few, 4, seed=0))).tolist() == [2, 1, 1]
+    from util.datasets import classification_datasets, eval_transform
+
+    _, val, _ = classification_datasets(str(small_folder), None, eval_transform(16), need_train=False)
+    labels = np.asarray(val.targets)  # 4 images of each of 10 classes, class by class
+    picks = attention_analysis.balanced_sample(labels, 20, seed=0)
+    assert np.bincount(labels[picks], minlength=10).tolist() == [2] * 10  # the first 20 would be classes 0..4 only
+    assert picks == attention_analysis.balanced_sample(labels, 20, seed=0)
+    assert picks != attention_analysis.balanced_sample(labels, 20, seed=1)
+    assert np.bincount(labels[attention_analysis.balanced_sample(labels, 13, seed=0)]).tolist() == [2, 2, 2] + [1] * 7
+    assert len(attention_analysis.balanced_sample(labels, 1000)) == 40
+    imgs = attention_analysis.load_images(str(small_folder), 16, 20, seed=0)
+    assert torch.equal(imgs, torch.stack([val[i][0] for i in picks]))
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys, tmp_path):
+    from tools import make_shards
+    from tools import run_experiments as study
+    from tools.common import progress
+
+    for _ in progress(range(50), desc="slow loop", unit="img"):  # the default interval: the first and the last line
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("slow loop:   0% 0/50") and lines[-1].startswith("slow loop: 100% 50/50")
+    assert len(lines) <= 3 and not any("\r" in line for line in lines)
+
+    log = make_shards.ShardProgress()  # write_shards' messages, every tenth of the shards, drive a bar with an ETA
+    for k in (1, 2, 3, 4):
+        log(f"train: {k}/4 shards, {10 * k} images")
+    log("something else")
+    err, out = capsys.readouterr()[::-1]
+    assert "train shards:  50% 2/4" in err and err.strip().splitlines()[-1].startswith("train shards: 100% 4/4")
+    assert "40 images" in err and out == "something else\n"
+
+    # the study reruns a probe whose file is still partial (probe_layers.json is written as it goes)
+    path = tmp_path / "probe_layers.json"
+    assert not study.finished(path) and not study.finished(None)
+    path.write_text(json.dumps({"results": {}, "complete": False}))
+    assert not study.finished(path)
+    path.write_text(json.dumps({"results": {}, "complete": True}))
+    assert study.finished(path)

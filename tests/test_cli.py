@@ -15,7 +15,7 @@ from Segmentation import convert_mmseg, make_synthetic
 from Segmentation import demo as seg_demo
 from Segmentation import models as seg_models
 from Segmentation import train as seg_train
-from tools import attention_analysis, benchmark, convert_checkpoint, probe_layers, run_experiments, visualize
+from tools import attention_analysis, benchmark, convert_checkpoint, linear_eval, probe_layers, run_experiments, visualize
 from tools import demo as demo_tool
 from util import cli
 from util.config import RunConfig, TrainConfig, flag_dict
@@ -37,6 +37,7 @@ PARSERS = {  # every script with flags: main_*, Segmentation/*, tools/* and the 
     "tools/probe_layers.py": probe_layers.get_args_parser, "tools/visualize.py": visualize.get_args_parser,
     "tools/attention_analysis.py": attention_analysis.get_args_parser,
     "tools/run_experiments.py": run_experiments.get_args_parser, "tools/benchmark.py": benchmark.get_args_parser,
+    "tools/linear_eval.py": linear_eval.get_args_parser,
 }
 
 

@@ -3,8 +3,10 @@
     python tools/attention_analysis.py mae/checkpoint-last.pth deepmim/checkpoint-last.pth \
         --names MAE DeepMIM --data_path digits --num_images 256 --output_dir output_dir/attention
 
-The encoder of each checkpoint (any layout ``util/convert.load_encoder`` reads) runs on the first
-``--num_images`` images of ``data_path/val`` (``eval_transform``). timm's blocks use fused attention,
+The encoder of each checkpoint (any layout ``util/convert.load_encoder`` reads) runs on
+``--num_images`` images of ``data_path/val`` (``eval_transform``), a class-balanced seeded sample
+(round robin over the classes, each class in a ``--seed``-ed random order: 256 images of 10 classes
+are 26 or 25 of each), the same images for every checkpoint. timm's blocks use fused attention,
 which does not return the weights, so a forward pre-hook on every block's ``attn`` recomputes
 ``softmax(q k^T / sqrt(d_head))`` from the block's own ``qkv`` projection (and ``q_norm`` /
 ``k_norm``) of its normed input; the model code is unchanged.
@@ -34,15 +36,16 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402
-from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
-from util.cli import Parser, positive_int  # noqa: E402
+from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device  # noqa: E402
+from util.cli import Parser, positive_int, seed_int  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
@@ -54,10 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("tools/attention_analysis.py", "Attention distance and diversity per layer")
     add_checkpoint_args(p)
     p.add_argument("--data_path", default="digits", help="ImageFolder root with val/ inside, or 'digits'")
-    p.add_argument("--num_images", default=256, type=positive_int, metavar="N", help="first N validation images")
+    p.add_argument("--num_images", default=256, type=positive_int, metavar="N",
+                   help="validation images: a class-balanced seeded sample")
+    p.add_argument("--seed", default=0, type=seed_int, help="seed of the image sample")
     p.add_argument("--batch_size", default=64, type=positive_int, metavar="N", help="images per forward pass")
     p.add_argument("--output_dir", default="output_dir/attention", help="results (JSON) and the plots")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_device_arg(p)
     return p
 
 
@@ -131,7 +136,8 @@ class AttentionRecorder:
 
 
 @torch.no_grad()
-def analyze(model: models_vit.ViT, imgs: torch.Tensor, batch_size: int = 64) -> List[Dict[str, Any]]:
+def analyze(model: models_vit.ViT, imgs: torch.Tensor, batch_size: int = 64, desc: str = "attention"
+            ) -> List[Dict[str, Any]]:
     """Per layer: ``distance`` (per head, px), ``mean_distance``, ``diversity``, ``cls_attention`` (per head)."""
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size[0]
@@ -140,7 +146,7 @@ def analyze(model: models_vit.ViT, imgs: torch.Tensor, batch_size: int = 64) -> 
     sums: Dict[str, List[Any]] = {"distance": [0.0] * depth, "diversity": [0.0] * depth, "cls": [0.0] * depth}
     recorder = AttentionRecorder(model.eval())
     try:
-        for start in range(0, imgs.shape[0], batch_size):
+        for start in progress(range(0, imgs.shape[0], batch_size), desc=desc, unit="batch", leave=False):
             batch = imgs[start:start + batch_size]
             model.forward_features(batch)
             w = batch.shape[0] / imgs.shape[0]  # every measure is a mean over images: weight by batch size
@@ -183,29 +189,45 @@ def plot(results: Dict[str, List[Dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def load_images(data_path: str, size: int, num_images: int) -> torch.Tensor:
-    """The first ``num_images`` validation images, ImageNet-normalized: [N, 3, size, size]."""
+def balanced_sample(labels: Sequence[int], num: int, seed: int = 0) -> List[int]:
+    """``num`` indices taken round robin over the classes (every class's first pick, then every class's
+    second, ...), each class in a seeded random order; sorted. Classes that run out drop out of the
+    rotation; ``num`` >= the number of labels takes them all."""
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    queues = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    picks: List[int] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        picks += [q[rank] for q in queues if rank < len(q)][:num - len(picks)]
+        if len(picks) >= num:
+            break
+    return sorted(picks)
+
+
+def load_images(data_path: str, size: int, num_images: int, seed: int = 0) -> torch.Tensor:
+    """``num_images`` validation images (:func:`balanced_sample`), ImageNet-normalized: [N, 3, size, size]."""
     _, val, _ = classification_datasets(data_path, None, eval_transform(size), need_train=False)
     if num_images < 1:
         raise UserError("--num_images must be at least 1.")
-    return torch.stack([val[i][0] for i in range(min(num_images, len(val)))])
+    return torch.stack([val[i][0] for i in balanced_sample(val.targets, num_images, seed)])
 
 
 def main(args: argparse.Namespace) -> Dict[str, List[Dict[str, Any]]]:
     names = checkpoint_names(args)
     out = check_writable(args.output_dir)
     setup_logging(0)
-    device = torch.device(args.device)
+    device = tool_device(args.device)
     results: Dict[str, List[Dict[str, Any]]] = {}
     for ckpt, name in zip(args.checkpoints, names):
         model = models_vit.from_checkpoint(ckpt, args.model, args.input_size, args.num_heads).to(device)
-        imgs = load_images(args.data_path, model.patch_embed.img_size[0], args.num_images).to(device)
-        results[name] = analyze(model, imgs, args.batch_size)
+        imgs = load_images(args.data_path, model.patch_embed.img_size[0], args.num_images, args.seed).to(device)
+        results[name] = analyze(model, imgs, args.batch_size, desc=name)
         _log.info("%s: distance %s px; diversity %s", name,
                   " ".join(f"{e['mean_distance']:.1f}" for e in results[name]),
                   " ".join(f"{e['diversity']:.3f}" for e in results[name]))
     save_json({"results": results, "checkpoints": dict(zip(names, args.checkpoints)),
-               "settings": {"data_path": args.data_path, "num_images": args.num_images, "model": args.model}},
+               "settings": {"data_path": args.data_path, "num_images": args.num_images, "seed": args.seed,
+                            "model": args.model}},
               out / "attention.json")
     plot(results, out / "attention.png")
     print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")

@@ -10,14 +10,18 @@
 Each sample keeps the image file's bytes unchanged (no re-encoding) and its class index (``.cls``);
 the class names go to ``<split>.json`` with every shard's sample count. Samples are shuffled across
 shards (``--seed``); the output is byte-for-byte deterministic. The brace spec of each split is
-printed at the end. See ``util/shards.py`` for the format and how training reads it.
+printed at the end; a progress bar per split shows the shards written, the rate and the ETA. See
+``util/shards.py`` for the format and how training reads it.
 """
 import argparse
+import re
 import sys
 from pathlib import Path
+from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.common import progress  # noqa: E402
 from util.datasets import resolve_data_path  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 from util.shards import SPLITS, index_shards, write_shards  # noqa: E402
@@ -37,6 +41,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+class ShardProgress:
+    """``write_shards``' messages (``"<split>: k/n shards, m images"``, every tenth of the shards) drive a
+    progress bar per split; any other message is printed as it is."""
+
+    PATTERN = re.compile(r"(?P<split>\S+): (?P<k>\d+)/(?P<n>\d+) shards, (?P<rest>.*)")
+
+    def __init__(self) -> None:
+        self.bars: Dict[str, Any] = {}
+
+    def __call__(self, msg: str) -> None:
+        m = self.PATTERN.fullmatch(msg)
+        if m is None:
+            print(msg, flush=True)
+            return
+        split, k, n = m["split"], int(m["k"]), int(m["n"])
+        bar = self.bars.get(split)
+        if bar is None:
+            bar = self.bars[split] = progress(total=n, desc=f"{split} shards", unit="shard", every=0)
+        bar.set_postfix_str(m["rest"], refresh=False)
+        if k < n:
+            bar.update(k - bar.n)
+        else:  # the last message: one final line
+            bar.n = k
+            bar.close()
+
+
 def main(args: argparse.Namespace) -> None:
     if args.index:
         dest, index = index_shards(args.index, args.index_out)
@@ -48,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     specs = []
     for split in args.splits:
         spec, index = write_shards(src, out, split, args.shard_size, None if args.seed < 0 else args.seed,
-                                   log=lambda msg: print(msg, flush=True))
+                                   log=ShardProgress())
         specs.append(spec)
         print(f"{split}: {index['num_samples']} images, {len(index['classes'])} classes -> {spec}", flush=True)
     print(f"done; train with --data_path {out} (or a spec above)")

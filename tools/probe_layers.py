@@ -18,16 +18,25 @@ low-shot one still tells representations apart.
 
 Writes ``probe_layers.json`` (``{"results": {name: {key: [top-1 % of layer 1, ..., layer depth]}}}``
 with key ``token`` / ``avg``, or ``token_10shot`` / ``avg_10shot`` for the low-shot probe; plus the
-settings) and ``probe_layers.png`` (accuracy against layer, one curve per checkpoint and
-pool) into ``--output_dir``.
+settings and ``complete``) and ``probe_layers.png`` (accuracy against layer, one curve per checkpoint
+and pool) into ``--output_dir``. The JSON is rewritten (atomically) after every layer's probe, so an
+interrupted run keeps what it finished; a rerun with the same settings skips every checkpoint and
+layer already there (other settings start over). Progress bars show the feature extraction and
+the probes.
+
+``--recipe linprobe`` reads each checkpoint's model off the file (``models_vit.checkpoint_spec``:
+the registered ViT of its width / depth / patch, its input size and pooling), so the printed
+commands build the encoder the checkpoint holds. For every layer at once, in one run, see
+``tools/linear_eval.py``.
 """
 import argparse
+import json
 import logging
 import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,10 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402
-from tools.common import add_checkpoint_args, checkpoint_names  # noqa: E402
+from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device  # noqa: E402
+from util import convert  # noqa: E402
 from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
-from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
+from util.misc import check_writable, run_cli, save_json, setup_logging, to_plain  # noqa: E402
 
 _log = logging.getLogger("probe_layers")
 
@@ -60,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="L-BFGS iterations of the logistic regression")
     p.add_argument("--seed", default=0, type=seed_int, help="seed of the training-image subsets")
     p.add_argument("--batch_size", default=256, type=positive_int, metavar="N", help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_device_arg(p)
     p.add_argument("--nproc_per_node", default=8, type=positive_int, metavar="N",
                    help="--recipe linprobe: GPUs per command")
     return p
@@ -72,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def extract_features(model: models_vit.ViT, dataset, batch_size: int, pools: Sequence[str],
-                     device: torch.device) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+                     device: torch.device, desc: str = "features") -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """Pooled features of every block, one forward pass per image.
 
     Returns:
@@ -83,7 +93,7 @@ def extract_features(model: models_vit.ViT, dataset, batch_size: int, pools: Seq
     chunks: Dict[str, List[np.ndarray]] = {pool: [] for pool in pools}
     labels = []
     model.to(device).eval()
-    for imgs, y in loader:
+    for imgs, y in progress(loader, desc=desc, unit="batch", leave=False):
         feats = model.multi_layer_features(imgs.to(device), layers, pools)
         for pool in pools:
             chunks[pool].append(torch.stack(feats[pool]).float().cpu().numpy())  # [depth, n, D]
@@ -116,23 +126,34 @@ def few_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
+def probe_keys(pools: Sequence[str], train_per_class: Sequence[int]) -> List[Tuple[str, str, int]]:
+    """``(key, pool, k)`` of every probe: key ``pool`` (all training images, ``k`` <= 0) or ``{pool}_{k}shot``."""
+    return [(pool if k <= 0 else f"{pool}_{k}shot", pool, k) for k in train_per_class for pool in pools]
+
+
 def probe_layers(train: Tuple[Dict[str, np.ndarray], np.ndarray], val: Tuple[Dict[str, np.ndarray], np.ndarray],
-                 C: float = 1.0, max_iter: int = 1000, seed: int = 0,
-                 train_per_class: Sequence[int] = (0,)) -> Dict[str, List[float]]:
+                 C: float = 1.0, max_iter: int = 1000, seed: int = 0, train_per_class: Sequence[int] = (0,),
+                 done: Optional[Dict[str, List[float]]] = None,
+                 on_layer: Optional[Callable[[Dict[str, List[float]]], None]] = None) -> Dict[str, List[float]]:
     """Accuracy of every layer: ``{key: [top-1 % of layer 1..depth]}``.
 
     The key is the pool (``token`` / ``avg``) for a probe trained on all training images, and
     ``{pool}_{k}shot`` for one trained on ``k`` images per class (the same seeded subset for every
     layer and checkpoint, so that they stay comparable).
+
+    Args:
+        done: results of an earlier run (the first layers of some keys): kept, the missing layers added.
+        on_layer: called with the results so far after every layer probed (to save them as it goes).
     """
     (train_f, train_y), (val_f, val_y) = train, val
-    out: Dict[str, List[float]] = {}
-    for k in train_per_class:
+    out: Dict[str, List[float]] = {key: list(accs) for key, accs in (done or {}).items()}
+    for key, pool, k in probe_keys(list(train_f), train_per_class):
         idx = few_per_class(train_y, k, seed) if k > 0 else np.arange(len(train_y))
-        for pool, feats in train_f.items():
-            out[pool if k <= 0 else f"{pool}_{k}shot"] = [
-                probe_accuracy(feats[i][idx], train_y[idx], val_f[pool][i], val_y, C, max_iter, seed)
-                for i in range(feats.shape[0])]
+        feats, accs = train_f[pool], out.setdefault(key, [])
+        for i in range(len(accs), feats.shape[0]):
+            accs.append(probe_accuracy(feats[i][idx], train_y[idx], val_f[pool][i], val_y, C, max_iter, seed))
+            if on_layer is not None:
+                on_layer(out)
     return out
 
 
@@ -160,17 +181,39 @@ def plot_curves(results: Dict[str, Dict[str, List[float]]], path: Path, title: s
     plt.close(fig)
 
 
-def linprobe_commands(checkpoints: Sequence[str], names: Sequence[str], depth_of, args) -> List[str]:
-    """MAE's ImageNet linear-probing command line for every layer of every checkpoint."""
+def linprobe_model(ckpt: convert.EncoderFile, model: Optional[str] = None, input_size: Optional[int] = None
+                   ) -> Tuple[str, int, str]:
+    """(``--model``, ``--input_size``, pooling flag) of ``main_linprobe.py`` for the encoder in ``ckpt``.
+
+    Read off the file (``models_vit.checkpoint_spec``): a fine-tuned file names its ViT, a pre-training
+    file gives the registered ViT of the same width, depth and patch size. A ViT no registered model
+    has prints the placeholder ``MODEL`` (with a warning): ``main_linprobe.py`` builds registered models only.
+    """
+    spec = models_vit.checkpoint_spec(ckpt)
+    name = model or spec["model"]
+    if name is None:
+        arch = ckpt.arch
+        _log.warning("%s holds a ViT (width %d, depth %d, patch %d) that no registered model has: replace MODEL in "
+                     "its commands by a registered name, or pass --model", ckpt.source, arch["embed_dim"],
+                     arch["depth"], arch["patch_size"])
+        name = "MODEL"
+    return name, int(input_size or spec["input_size"]), "--global_pool" if spec["global_pool"] == "avg" else "--cls_token"
+
+
+def linprobe_commands(checkpoints: Sequence[str], names: Sequence[str], args) -> List[str]:
+    """MAE's ImageNet linear-probing command line for every layer of every checkpoint, each building the
+    encoder the checkpoint holds (:func:`linprobe_model`)."""
     cmds = []
-    for ckpt, name in zip(checkpoints, names):
-        for layer in range(1, depth_of(ckpt) + 1):
+    for path, name in zip(checkpoints, names):
+        ckpt = convert.read_encoder(path)
+        model, size, pool = linprobe_model(ckpt, args.model, args.input_size)
+        for layer in range(1, ckpt.arch["depth"] + 1):
             out = Path(args.output_dir) / safe_name(name) / f"layer{layer}"
             cmds.append(shlex.join([
-                "torchrun", f"--nproc_per_node={args.nproc_per_node}", "main_linprobe.py",
-                "--model", args.model or "vit_base_patch16", "--cls_token", "--finetune", ckpt, "--probe_layer",
-                str(layer), "--batch_size", "2048", "--epochs", "90", "--blr", "0.1", "--weight_decay", "0.0",
-                "--warmup_epochs", "10", "--dist_eval", "--data_path", args.data_path, "--output_dir", str(out)]))
+                "torchrun", f"--nproc_per_node={args.nproc_per_node}", "main_linprobe.py", "--model", model,
+                "--input_size", str(size), pool, "--finetune", path, "--probe_layer", str(layer), "--batch_size", "2048",
+                "--epochs", "90", "--blr", "0.1", "--weight_decay", "0.0", "--warmup_epochs", "10", "--dist_eval",
+                "--data_path", args.data_path, "--output_dir", str(out)]))
     return cmds
 
 
@@ -181,35 +224,68 @@ def safe_name(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def earlier_results(path: Path, settings: Dict[str, Any], checkpoints: Dict[str, str]) -> Dict[str, Dict[str, List[float]]]:
+    """What an earlier run with the same settings left in ``path`` (per name, for the same checkpoint file)."""
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if saved.get("settings") != to_plain(settings):
+        _log.info("%s was written with other settings: probing again", path)
+        return {}
+    same = {name for name, ckpt in saved.get("checkpoints", {}).items() if checkpoints.get(name) == ckpt}
+    return {name: per_key for name, per_key in saved.get("results", {}).items() if name in same}
+
+
 def main(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
     names = checkpoint_names(args)
+    setup_logging(0)
     if args.recipe == "linprobe":
-        from util.convert import infer_encoder_config, read_state_dict
-
-        for cmd in linprobe_commands(args.checkpoints, names,
-                                     lambda c: infer_encoder_config(read_state_dict(c))["depth"], args):
+        for cmd in linprobe_commands(args.checkpoints, names, args):
             print(cmd)
+        _log.info("tools/linear_eval.py trains linear heads on every layer (and a grid of learning rates) in one run")
         return {}
 
     out = check_writable(args.output_dir)
-    setup_logging(0)
-    device = torch.device(args.device)
+    device = tool_device(args.device)
+    settings = {k: getattr(args, k) for k in ("data_path", "pool", "train_per_class", "C", "max_iter", "seed", "model",
+                                              "input_size", "num_heads")}
+    checkpoints = dict(zip(names, args.checkpoints))
+    path = out / "probe_layers.json"
+    earlier = earlier_results(path, settings, checkpoints)
+    keys = [key for key, _, _ in probe_keys(args.pool, args.train_per_class)]
     results: Dict[str, Dict[str, List[float]]] = {}
+
+    def save(complete: bool) -> None:  # atomic: an interrupted run leaves the last complete file
+        save_json({"results": results, "checkpoints": checkpoints, "settings": settings, "complete": complete}, path)
+
     for ckpt, name in zip(args.checkpoints, names):
         model = models_vit.from_checkpoint(ckpt, args.model, args.input_size, args.num_heads)
+        depth = len(model.blocks)
+        done = {k: v[:depth] for k, v in earlier.get(name, {}).items() if k in keys}
+        missing = sum(depth - len(done.get(k, [])) for k in keys)
+        if missing == 0:
+            _log.info("%s: every layer already probed in %s", name, path)
+            results[name] = done
+            continue
         size = model.patch_embed.img_size[0]
         train_set, val_set, _ = classification_datasets(args.data_path, eval_transform(size), eval_transform(size))
-        train = extract_features(model, train_set, args.batch_size, args.pool, device)
-        val = extract_features(model, val_set, args.batch_size, args.pool, device)
-        results[name] = probe_layers(train, val, args.C, args.max_iter, args.seed, args.train_per_class)
+        train = extract_features(model, train_set, args.batch_size, args.pool, device, desc=f"{name}: train features")
+        val = extract_features(model, val_set, args.batch_size, args.pool, device, desc=f"{name}: val features")
+        with progress(total=missing, desc=f"{name}: probes", unit="probe") as bar:
+            def saved(partial: Dict[str, List[float]], name: str = name) -> None:
+                results[name] = partial
+                save(False)
+                bar.update()
+
+            results[name] = probe_layers(train, val, args.C, args.max_iter, args.seed, args.train_per_class, done, saved)
         for pool, accs in results[name].items():
             _log.info("%s (%s): %s", name, pool, " ".join(f"L{i + 1} {a:.1f}" for i, a in enumerate(accs)))
-    settings = {k: getattr(args, k) for k in ("data_path", "pool", "train_per_class", "C", "max_iter", "seed", "model",
-                                              "input_size")}
-    save_json({"results": results, "checkpoints": dict(zip(names, args.checkpoints)), "settings": settings},
-              out / "probe_layers.json")
+    save(True)
     plot_curves(results, out / "probe_layers.png")
-    print(f"wrote {out / 'probe_layers.json'} and {out / 'probe_layers.png'}")
+    print(f"wrote {path} and {out / 'probe_layers.png'}")
     return results
 
 

@@ -131,11 +131,22 @@ def initial_encoders(work: Path, seeds: Sequence[int]) -> List[Path]:
     return paths
 
 
+def finished(done: Optional[Path]) -> bool:
+    """Whether a tool's output file is there and complete (``probe_layers.json`` is written as the
+    probes go, with ``complete`` false until the last one; the tool then continues where it stopped)."""
+    if done is None or not done.exists():
+        return False
+    try:
+        return bool(json.loads(done.read_text()).get("complete", True))
+    except ValueError:
+        return False
+
+
 def tool(module_name: str, argv: Sequence[str], done: Optional[Path]) -> None:
-    """Run ``tools/<module_name>.py`` with ``argv`` unless its output ``done`` exists."""
+    """Run ``tools/<module_name>.py`` with ``argv`` unless its output ``done`` is complete."""
     import importlib
 
-    if done is None or not done.exists():
+    if not finished(done):
         module = importlib.import_module(f"tools.{module_name}")
         module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
 
@@ -159,20 +170,27 @@ def worker_init() -> None:
 
 
 class Study:
-    """Schedules the stages on ``--jobs`` worker processes and reports each one's wall time."""
+    """Schedules the stages on ``--jobs`` worker processes and reports each one's wall time (and a
+    progress bar over the stages: done / all, elapsed, ETA)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        from tools.common import progress
+
         self.args = args
         self.work = Path(args.work_dir)
         self.timings: Dict[str, Dict[str, float]] = {}
         self.pool = ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=mp.get_context("spawn"),
                                         initializer=worker_init)
+        # every run (pre-training + fine-tuning), one probe per seed, the attention analysis, one figure per config
+        stages = len(CONFIGS) * len(args.seeds) + len(args.seeds) + 1 + len(CONFIGS)
+        self.bar = progress(total=stages, desc="study", unit="stage")
 
     def submit(self, name: str, log: Path, fn, *args) -> Future:
         print(f"[{time.strftime('%H:%M:%S')}] queued {name} (log: {log})", flush=True)
         future = self.pool.submit(logged, name, log, fn, *args)
 
         def report(f: Future) -> None:
+            self.bar.update()
             if f.exception() is None:
                 self.timings[name] = f.result()
                 print(f"[{time.strftime('%H:%M:%S')}] done   {name} in {f.result()['wall']:.0f} s "
@@ -211,6 +229,7 @@ class Study:
                                     None))  # always redrawn: cheap
         wait(jobs)
         self.pool.shutdown()
+        self.bar.close()
         for f in jobs:
             f.result()  # re-raise a failure
 

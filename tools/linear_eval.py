@@ -1,0 +1,680 @@
+"""Linear evaluation of every encoder layer in one run (DINOv2's linear evaluation design).
+
+    # every block x (cls token, avg pool) x 9 learning rates, one frozen forward per batch
+    python tools/linear_eval.py --finetune output_dir/demo/pretrain/checkpoint-last.pth --data_path digits \
+        --epochs 10 --batch_size 64 --crop_scale 0.5 1 --hflip 0 --output_dir output_dir/linear_eval
+    # the same on cached features (no augmentation: the encoder sees every image once)
+    python tools/linear_eval.py --finetune checkpoint.pth --cache_features --output_dir out/linear_eval_cached
+    # ImageNet, 8 GPUs, MAE's probe (LARS, BatchNorm head, 90 epochs) for layers 6 / 8 / 10 / 12
+    torchrun --nproc_per_node 8 tools/linear_eval.py --finetune checkpoint-1599.pth --recipe mae \
+        --layers 6,8,10,12 --pool token --batch_size 1024 --data_path /imagenet --output_dir out/linear_eval
+
+The encoder of ``--finetune`` (any checkpoint ``models_vit.build_from`` reads: this repo's, MAE's,
+the reference DeepMIM's, timm; the ViT read off the file or ``--model``) stays frozen. Each batch
+passes it once; the pooled features of every chosen layer (``--layers``, default every block) and
+pooling (``--pool``: ``token`` = cls token, after the final norm for the last block as in
+``main_linprobe.py``; ``avg`` = mean of the patch tokens) feed one linear head per base learning
+rate of ``--blrs`` (``lr = blr x total batch / 256``, the repo's one scaling rule). All heads train
+together, on the one trainer (``util/trainer.py``): the loss is the sum of every head's
+cross-entropy, one optimizer holds every head in its own parameter groups.
+
+Recipes (``--recipe``):
+
+* ``dinov2`` (default): a plain linear head (weights ~ N(0, 0.01), zero bias), SGD with momentum 0.9,
+  no weight decay, cosine schedule without warm-up, 10 epochs, blr grid 1e-5 .. 1e-1 (half decades);
+* ``mae``: MAE's linear probe (``main_linprobe.py``): BatchNorm without affine parameters + linear,
+  LARS (momentum 0.9, trust ratio on the weights), 10 warm-up epochs then cosine, 90 epochs,
+  blr grid 0.01 .. 1 around MAE's 0.1.
+
+The heads are independent: each one's initialisation comes from its own generator seeded by
+(``--seed``, layer, pooling), the data order and augmentation from the trainer's seeds, the heads
+run in float32 outside autocast and without loss scaling, and nothing is shared between them in the
+update (no gradient clipping, no global norm). A head of the all-layer run therefore computes
+exactly what the same head computes in a run of its own (``--layers K --pool P --blrs B``), to the
+bit; a head whose loss diverges (too high a learning rate) is flagged and leaves the others alone.
+The logged ``loss`` is the mean over the heads whose loss is finite; ``lr`` is the schedule's factor
+(1 -> 0), each head's learning rate its own lr times it.
+
+``--cache_features``: the training images pass the encoder once, without augmentation (the
+evaluation transform), sharded over the processes and gathered; the heads then train on the cached
+features (``[K features, N, D]`` float32 in host memory: count the size before caching ImageNet).
+
+After every ``--eval_every`` epochs (and the last) every head is evaluated on ``data_path/val``
+(each process its share, the counts summed), and ``linear_eval.json`` / ``linear_eval.md`` are
+rewritten (atomically) with the table so far: per layer and pooling, the best base learning rate
+and its top-1, and the top-1 of every learning rate. As in DINOv2, the learning rate is chosen on
+the validation set it is reported on. ``log.txt`` gets per epoch the training loss, the best top-1
+over the heads and the best of each (layer, pooling); TensorBoard ``linear_eval/L{k}_{pool}``.
+Checkpoints (heads, optimizer, the epoch, the results so far) follow the trainer's rules, so a
+stopped (SIGTERM / SIGUSR1) or killed run continues where it stopped when rerun and writes the same
+table; a rerun of a finished run rewrites the table without training.
+"""
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.optim import Lars  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DistributedSampler  # noqa: E402
+
+import models_vit  # noqa: E402
+from tools.common import progress, progress_logging  # noqa: E402
+from util import convert  # noqa: E402
+from util import dist as dist_util  # noqa: E402
+from util.cli import (  # noqa: E402
+    OrderedPair,
+    Parser,
+    add_run_args,
+    increasing,
+    nonneg_float,
+    positive_float,
+    positive_int,
+    probability,
+    sha256_prefix,
+    share,
+    str2list,
+)
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
+from util.data import build_eval_data, classification_data  # noqa: E402
+from util.datasets import eval_transform, linprobe_transform, with_decode  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.lr_sched import cosine_schedule  # noqa: E402
+from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, save_json  # noqa: E402
+from util.runner import Run, start_run  # noqa: E402
+from util.shards import ShardEvalData, is_shard_spec, open_shards  # noqa: E402
+from util.trainer import Commit, Job, Trainer, epoch_trainer_config  # noqa: E402
+
+_log = logging.getLogger("linear_eval")
+
+POOLS = ("token", "avg")
+POOL_LABEL = {"token": "cls", "avg": "avg"}
+RESULTS_JSON, RESULTS_MD = "linear_eval.json", "linear_eval.md"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The defaults of a recipe (``--epochs``, ``--warmup_epochs``, ``--blrs`` override them)."""
+
+    epochs: int
+    warmup_epochs: float
+    blrs: Tuple[float, ...]
+    batch_norm: bool  # MAE: BatchNorm1d(affine=False) before the linear layer
+    what: str  # one line for the table's header
+
+
+RECIPES = {
+    "dinov2": Recipe(10, 0.0, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), False,
+                     "DINOv2's linear evaluation: linear heads, SGD momentum 0.9, cosine schedule"),
+    "mae": Recipe(90, 10.0, (0.01, 0.03, 0.1, 0.3, 1.0), True,
+                  "MAE's linear probing: BatchNorm (no affine) + linear heads, LARS momentum 0.9, warm-up + cosine"),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("tools/linear_eval.py", "Linear evaluation of every encoder layer in one run")
+    e = p.add_argument_group("encoder")
+    e.add_argument("--finetune", default="", metavar="CHECKPOINT",
+                   help="the checkpoint whose encoder is evaluated (any layout, published name, hub name or URL)")
+    e.add_argument("--finetune_sha256", default=None, type=sha256_prefix, metavar="HEX",
+                   help="expected sha256 (prefix) of a downloaded --finetune (default: not checked)")
+    e.add_argument("--model", default=None, help="registered ViT name (default: read off the checkpoint)")
+    e.add_argument("--num_heads", default=None, type=positive_int, metavar="N",
+                   help="encoder heads when inferring (default: the checkpoint's)")
+    e.add_argument("--input_size", default=None, type=positive_int, metavar="PX",
+                   help="image size (default: the checkpoint's)")
+    h = p.add_argument_group("heads")
+    h.add_argument("--layers", default=None, type=str2list(positive_int, increasing), metavar="K,K,...",
+                   help="encoder blocks, 1-based, e.g. 6,8,10,12 (default: all)")
+    h.add_argument("--pool", nargs="+", default=list(POOLS), choices=POOLS, help="token: cls token; avg: mean patch token")
+    h.add_argument("--recipe", default="dinov2", choices=sorted(RECIPES), help="dinov2: SGD + cosine; mae: LARS + BN head")
+    h.add_argument("--blrs", nargs="+", type=positive_float, default=None, metavar="BLR",
+                   help="base learning rates, one head each (lr = blr * total batch / 256; default: the recipe's grid)")
+    h.add_argument("--epochs", default=None, type=positive_int, metavar="N",
+                   help="training epochs (default: dinov2 10, mae 90)")
+    h.add_argument("--warmup_epochs", default=None, type=nonneg_float, metavar="N",
+                   help="linear warm-up epochs (default: dinov2 0, mae 10)")
+    h.add_argument("--weight_decay", default=0.0, type=nonneg_float, help="weight decay of the head weights (not biases)")
+    h.add_argument("--batch_size", default=256, type=positive_int, metavar="N", help="images per process and step")
+    h.add_argument("--nb_classes", default=None, type=positive_int, metavar="N", help="classes (default: the data's)")
+    h.add_argument("--cache_features", action="store_true",
+                   help="encode every image once, without augmentation, and train the heads on the cached features")
+    h.add_argument("--crop_scale", nargs=2, default=(0.08, 1.0), type=share, action=OrderedPair, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (without --cache_features)")
+    h.add_argument("--hflip", type=probability, default=0.5,
+                   help="horizontal flip probability (without --cache_features)")
+    h.add_argument("--eval_every", default=1, type=positive_int, metavar="N",
+                   help="epochs between evaluations of every head (and the last)")
+    add_run_args(p)
+    p.set_defaults(output_dir="output_dir/linear_eval", save_every=10)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class EvalFlags(FlagConfig):
+    """The encoder and head flags (the recipe's defaults filled in by :meth:`LinearEvalConfig.from_args`)."""
+
+    finetune: str = ""
+    finetune_sha256: Optional[str] = None
+    model: Optional[str] = None
+    num_heads: Optional[int] = None
+    input_size: Optional[int] = None
+    layers: Optional[Tuple[int, ...]] = None
+    pool: Tuple[str, ...] = POOLS
+    recipe: str = "dinov2"
+    blrs: Tuple[float, ...] = ()
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    nb_classes: Optional[int] = None
+    cache_features: bool = False
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class LinearEvalConfig:
+    run: RunConfig
+    train: TrainConfig
+    eval: EvalFlags
+    flags: Dict[str, Any]  # the command line with the recipe's defaults: the checkpoints' args
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LinearEvalConfig":
+        flags = flag_dict(args)
+        recipe = RECIPES[flags.get("recipe") or "dinov2"]
+        for key in ("epochs", "warmup_epochs", "blrs"):
+            if flags.get(key) is None:
+                flags[key] = getattr(recipe, key)
+        flags["blrs"] = sorted(set(flags["blrs"]))  # ascending: among equal top-1s the smallest lr wins
+        for name in ("compile", "grad_checkpointing"):
+            if flags.get(name):
+                raise UserError(f"--{name} does nothing for linear heads on a frozen encoder; drop it.")
+        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), EvalFlags.from_flags(flags), flags)
+
+
+# --------------------------------------------------------------------------------------------
+# the heads
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One linear head: the features it reads (encoder block ``layer``, ``pool``) and its learning rate."""
+
+    layer: int
+    pool: str
+    blr: float
+    lr: float
+
+    @property
+    def feature(self) -> Tuple[int, str]:
+        return self.layer, self.pool
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}_{self.pool}_blr{self.blr:g}".replace(".", "p")  # module names cannot hold a dot
+
+
+def head_specs(features: Sequence[Tuple[int, str]], blrs: Sequence[float], total_batch: int) -> List[HeadSpec]:
+    """Every (feature, base lr) pair; lr = blr x total batch / 256 (``OptimConfig.resolved``)."""
+    return [HeadSpec(layer, pool, blr, OptimConfig(blr=blr).resolved(total_batch).lr)
+            for layer, pool in features for blr in sorted(blrs)]
+
+
+class LinearHeads(nn.Module):
+    """A linear classifier per :class:`HeadSpec` (``BatchNorm1d(affine=False)`` first with
+    ``batch_norm``, MAE's probe); ``forward`` maps the stacked features [K, B, D] of ``features`` to
+    one logits tensor [B, classes] per head.
+
+    Each head's weights come from its own generator, seeded by (seed, layer, pooling): the same
+    initial head whatever other heads the run has (heads of one feature and different lrs start alike).
+    """
+
+    def __init__(self, specs: Sequence[HeadSpec], features: Sequence[Tuple[int, str]], dim: int, num_classes: int,
+                 seed: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        self.index = [list(features).index(s.feature) for s in self.specs]
+        self.heads = nn.ModuleDict()
+        for s in self.specs:
+            linear = nn.Linear(dim, num_classes)
+            gen = torch.Generator().manual_seed(derive_seed(seed, s.layer, POOLS.index(s.pool)))
+            nn.init.trunc_normal_(linear.weight, std=0.01, generator=gen)
+            nn.init.zeros_(linear.bias)
+            self.heads[s.name] = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if batch_norm \
+                else linear
+
+    def linears(self) -> List[nn.Linear]:
+        return [h[-1] if isinstance(h, nn.Sequential) else h for h in self.heads.values()]
+
+    def forward(self, feats: torch.Tensor) -> List[torch.Tensor]:
+        return [head(feats[k]) for k, head in zip(self.index, self.heads.values())]
+
+
+def head_optimizer(heads: LinearHeads, recipe: str, weight_decay: float) -> torch.optim.Optimizer:
+    """One optimizer over every head, two parameter groups per head (weights, biases without weight
+    decay) whose ``lr_scale`` is the head's lr: the trainer's schedule factor times it is the head's lr."""
+    groups = []
+    for spec, linear in zip(heads.specs, heads.linears()):
+        extra = [{"always_adapt": True}, {"always_adapt": False}] if recipe == "mae" else [{}, {}]
+        groups += [{"params": [linear.weight], "weight_decay": weight_decay, "lr": spec.lr, "lr_scale": spec.lr, **extra[0]},
+                   {"params": [linear.bias], "weight_decay": 0.0, "lr": spec.lr, "lr_scale": spec.lr, **extra[1]}]
+    if recipe == "mae":  # MAE's LARS: the trust ratio on the weight matrix only, plain momentum SGD on the bias
+        return Lars(groups, lr=1.0, momentum=0.9)
+    return torch.optim.SGD(groups, lr=1.0, momentum=0.9)
+
+
+def pooled_features(encoder: models_vit.ViT, imgs: torch.Tensor, features: Sequence[Tuple[int, str]]) -> torch.Tensor:
+    """The features of ``features`` ((layer, pool) pairs) from one forward pass: [K, B, D] float32."""
+    layers = sorted({layer for layer, _ in features})
+    pools = [p for p in POOLS if any(p == q for _, q in features)]
+    out = encoder.multi_layer_features(imgs, layers, pools)
+    return torch.stack([out[pool][layers.index(layer)].float() for layer, pool in features])
+
+
+# --------------------------------------------------------------------------------------------
+# cached features
+
+
+def indexed_batches(reader: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(images, labels, sample indices)`` of an evaluation reader (this process's share).
+
+    Shards return their sample ids; an image folder's loader reads its sampler's indices in order.
+    """
+    if isinstance(reader, ShardEvalData):
+        yield from reader
+        return
+    ids = torch.as_tensor(list(reader.sampler))
+    pos = 0
+    for imgs, labels in reader:
+        yield imgs, labels, ids[pos:pos + len(labels)]
+        pos += len(labels)
+
+
+@torch.no_grad()
+def encode(encoder: models_vit.ViT, features: Sequence[Tuple[int, str]], batches: Iterable, device: torch.device,
+           amp_dtype: Optional[torch.dtype], desc: str, show: bool) -> Tuple[torch.Tensor, ...]:
+    """Every batch of ``batches`` through the encoder: (features [K, n, D] float32 on the CPU, and the
+    batches' other tensors concatenated)."""
+    feats: List[torch.Tensor] = []
+    rest: List[List[torch.Tensor]] = []
+    for imgs, *others in progress(batches, desc=desc, unit="batch", enabled=show):
+        with autocast(device, amp_dtype):
+            feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), features).cpu())
+        rest.append([torch.as_tensor(t) for t in others])
+    return (torch.cat(feats, dim=1), *[torch.cat(col) for col in zip(*rest)])
+
+
+def gather_by_index(feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, total: int,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every process's share ([K, n_r, D], [n_r], sample ids [n_r]) -> the whole set in index order
+    ([K, total, D], [total]) on every process (one all-gather; shares padded to the largest)."""
+    world = dist_util.get_world_size()
+    if world > 1:
+        longest = -(-total // world) + 1  # no share of a disjoint split is longer (folders: ceil; shards: floor + 1)
+        pad = longest - labels.numel()
+        parts = [torch.nn.functional.pad(feats, (0, 0, 0, pad)), torch.nn.functional.pad(labels.long(), (0, pad), value=-1),
+                 torch.nn.functional.pad(ids.long(), (0, pad), value=-1)]
+        gathered = []
+        for t in parts:
+            t = t.to(device).contiguous()
+            out = [torch.empty_like(t) for _ in range(world)]
+            torch.distributed.all_gather(out, t)
+            gathered.append(torch.cat(out, dim=-2 if t.dim() == 3 else 0).cpu())
+        feats, labels, ids = gathered
+        keep = ids >= 0
+        feats, labels, ids = feats[:, keep], labels[keep], ids[keep]
+    if ids.numel() != total or not torch.equal(torch.sort(ids).values, torch.arange(total)):
+        raise RuntimeError(f"the feature cache holds {ids.numel()} samples of {total}, not each once")
+    full = torch.empty(feats.shape[0], total, feats.shape[2], dtype=feats.dtype)
+    full[:, ids] = feats
+    full_labels = torch.empty(total, dtype=torch.long)
+    full_labels[ids] = labels.long()
+    return full, full_labels
+
+
+class CachedFeatures:
+    """Training data of ``--cache_features`` (a ``util.data.TrainData``): batches of cached features
+    ``([K, B, D], labels [B])`` by global step, in the order of the image loader's distributed
+    sampler (the same seed gives the same samples in the same steps).
+
+    Args:
+        fill: returns the whole training set's (features [K, N, D], labels [N]); called when the
+            first batch is asked for (a finished run being rerun encodes nothing).
+        num_samples: N; batch_size: per process.
+    """
+
+    def __init__(self, fill: Callable[[], Tuple[torch.Tensor, torch.Tensor]], num_samples: int, batch_size: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        if num_samples < batch_size * world_size:
+            raise UserError(f"The training set has {num_samples} images, fewer than one batch of {batch_size} x "
+                            f"{world_size} process(es). Lower --batch_size.")
+        self.fill, self.num_samples, self.batch_size = fill, num_samples, batch_size
+        self.steps_per_epoch = num_samples // world_size // batch_size
+        self.sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+
+    def batches(self, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        feats, labels = self.fill()
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        b = self.batch_size
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = torch.as_tensor(list(self.sampler))
+            for step in range(skip, self.steps_per_epoch):
+                idx = order[step * b:(step + 1) * b]
+                yield feats[:, idx], labels[idx]
+            epoch, skip = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def results_table(specs: Sequence[HeadSpec], top1: Dict[str, float], diverged: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per (layer, pooling), in the order of ``specs``: the best base lr among the heads that did not
+    diverge (the smallest of equal top-1s), its lr and top-1, and every lr's top-1."""
+    rows: Dict[Tuple[int, str], Dict[str, Any]] = {}
+    for s in specs:
+        row = rows.setdefault(s.feature, {"layer": s.layer, "pool": s.pool, "top1": None, "best_blr": None,
+                                          "best_lr": None, "top1_by_blr": {}, "diverged_blrs": []})
+        row["top1_by_blr"][f"{s.blr:g}"] = top1[s.name]
+        if s.name in diverged:
+            row["diverged_blrs"].append(f"{s.blr:g}")
+        elif row["top1"] is None or top1[s.name] > row["top1"]:
+            row.update(top1=top1[s.name], best_blr=s.blr, best_lr=s.lr)
+    return list(rows.values())
+
+
+def markdown(doc: Dict[str, Any]) -> str:
+    """``linear_eval.md``: the best lr per layer and pooling, then every lr's top-1."""
+    rows, blrs = doc["table"], [f"{b:g}" for b in doc["blrs"]]
+    pools = [p for p in POOLS if any(r["pool"] == p for r in rows)]
+    done = doc["epochs_done"]
+    state = "" if doc["complete"] else f" (partial: after {done} of {doc['epochs']} epochs)"
+    lines = [f"# Linear evaluation of every layer{state}", "",
+             f"`{doc['checkpoint']}` ({doc['model']}, {doc['input_size']} px), frozen. {doc['recipe_text']}; "
+             f"{doc['epochs']} epochs, total batch {doc['total_batch']}, lr = blr x {doc['total_batch']} / 256; "
+             f"{'cached features (no augmentation)' if doc['cache_features'] else 'augmented images'}. "
+             f"Top-1 (%) on {doc['val_images']} validation images after epoch {done}, at the base learning rate "
+             f"that is best on them (DINOv2's choice).", ""]
+    head = ["layer"] + [f"{POOL_LABEL[p]} {w}" for p in pools for w in ("top-1", "best blr")]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for layer in sorted({r["layer"] for r in rows}):
+        cells = [str(layer)]
+        for p in pools:
+            r = next((r for r in rows if r["layer"] == layer and r["pool"] == p), None)
+            cells += ["" if r is None or r["top1"] is None else f"{r['top1']:.2f}",
+                      "" if r is None or r["best_blr"] is None else f"{r['best_blr']:g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Every learning rate (top-1 %; * diverged)", "",
+              "| layer | pool | " + " | ".join(f"blr {b}" for b in blrs) + " |", "|" + " --- |" * (2 + len(blrs))]
+    for r in rows:
+        cells = [f"{r['top1_by_blr'][b]:.2f}{'*' if b in r['diverged_blrs'] else ''}" for b in blrs]
+        lines.append(f"| {r['layer']} | {POOL_LABEL[r['pool']]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class LinearEvalJob(Job):
+    """Every linear head at once on one frozen encoder (see the module docstring).
+
+    Args:
+        run: the run.
+        encoder: the frozen ViT (eval mode, on the device); unused with cached features.
+        heads / optimizer: :class:`LinearHeads` and :func:`head_optimizer`.
+        schedule: step -> the schedule's factor (1 -> 0).
+        features: the (layer, pool) pairs, in the order of the stacked features.
+        val: () -> the validation batches (images or cached features [K, B, D], labels), this
+            process's share.
+        epochs / eval_every / total_steps: as the flags; ``meta``: the fixed part of ``linear_eval.json``.
+    """
+
+    metric_names = ("loss",)
+
+    def __init__(self, run: Run, encoder: models_vit.ViT, heads: LinearHeads, optimizer: torch.optim.Optimizer,
+                 schedule: Callable[[int], float], features: Sequence[Tuple[int, str]],
+                 val: Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]], epochs: int, eval_every: int,
+                 total_steps: int, meta: Dict[str, Any]) -> None:
+        self.run, self.encoder, self.model, self.optimizer = run, encoder, heads, optimizer
+        # the heads run in float32: no loss scaling, whose skipped steps would couple the heads
+        self.scaler = make_scaler(run.device, None)
+        self.schedule, self.features, self.val = schedule, list(features), val
+        self.epochs, self.eval_every, self.total_steps, self.meta = epochs, max(1, eval_every), total_steps, meta
+        self.names = list(heads.heads)
+        self.history: List[Dict[str, Any]] = []
+        self.bar = None
+
+    # training ---------------------------------------------------------------------------------
+    def metric_labels(self) -> List[str]:
+        return ["the mean loss of the linear heads (every head's loss is non-finite)"]
+
+    def lr(self, step: int) -> float:
+        self._advance(step)
+        return self.schedule(step)
+
+    def loss(self, model: nn.Module, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, labels = batch
+        feats = pooled_features(self.encoder, x, self.features) if x.dim() == 4 else x
+        with torch.autocast(x.device.type, enabled=False):
+            losses = torch.stack([F.cross_entropy(logits, labels) for logits in model(feats.float())])
+        finite = torch.isfinite(losses)
+        mean = torch.where(finite, losses, torch.zeros_like(losses)).sum() / finite.sum()  # NaN only if all diverged
+        return losses.sum(), mean.detach()[None]  # the sum: each head gets exactly its own gradient
+
+    def _advance(self, step: int) -> None:
+        if self.bar is None:
+            self.bar = progress(total=self.total_steps, initial=step, desc="linear eval", unit="step",
+                                enabled=self.run.is_main)
+        else:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(max(0, self.total_steps - self.bar.n))
+            self.bar.close()
+            self.bar = None
+
+    # evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Tuple[Dict[str, float], int, List[str]]:
+        """Every head's top-1 (%) on the validation set, the number of images, the diverged heads."""
+        heads, device = self.model.eval(), self.run.device
+        if dist_util.get_world_size() > 1:
+            for buf in heads.buffers():  # BatchNorm statistics are not synchronised during training
+                torch.distributed.broadcast(buf, src=0)
+        correct = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        for x, labels in self.val():
+            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if x.dim() == 4:
+                with autocast(device, self.run.amp_dtype):
+                    x = pooled_features(self.encoder, x, self.features)
+            hits = [(logits.argmax(dim=1) == labels).sum() for logits in heads(x.float())]
+            correct += torch.stack(hits).double()
+            count += labels.numel()
+        dist_util.all_reduce_sum(correct)
+        dist_util.all_reduce_sum(count)
+        n = int(count.item())
+        top1 = (100.0 * correct / max(n, 1)).tolist()
+        diverged = [name for name, head in heads.heads.items()
+                    if not all(bool(torch.isfinite(p).all()) for p in head.parameters())]
+        return dict(zip(self.names, top1)), n, diverged
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, train: Dict[str, float]) -> Commit:
+        record = {f"train_{k}": v for k, v in train.items()}
+        if "train_lr" in record:
+            record["train_lr_factor"] = record.pop("train_lr")  # each head's lr is its own lr times this
+        if (epoch + 1) % self.eval_every and epoch + 1 < self.epochs:
+            return Commit([record], [])
+        top1, n, diverged = self.evaluate()
+        self.history.append({"epoch": epoch, "top1": top1, "diverged": diverged, "val_images": n})
+        rows = results_table(self.model.specs, top1, diverged)
+        best = {f"L{r['layer']}_{r['pool']}": r["top1"] for r in rows if r["top1"] is not None}
+        record.update({"test_acc1": max(best.values(), default=0.0), **{f"test_acc1_{k}": v for k, v in best.items()}})
+        self.run.tb.scalars({f"linear_eval/{k}": v for k, v in best.items()}, epoch)
+        _log.info("epoch %d: best top-1 per layer and pooling: %s%s", epoch,
+                  " ".join(f"{k} {v:.1f}" for k, v in best.items()),
+                  f"; {len(diverged)} head(s) diverged" if diverged else "")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"epoch {epoch} best top-1 {record['test_acc1']:.1f}")
+        self.run.on_main(lambda: self.write(complete=False))
+        return Commit([record], [])
+
+    # results ----------------------------------------------------------------------------------
+    def document(self, complete: bool) -> Dict[str, Any]:
+        """``linear_eval.json``: the table after the last evaluation, every head, every evaluation."""
+        last = self.history[-1] if self.history else {"epoch": -1, "top1": {n: 0.0 for n in self.names},
+                                                      "diverged": [], "val_images": 0}
+        rows = results_table(self.model.specs, last["top1"], last["diverged"])
+        heads = {s.name: {"layer": s.layer, "pool": s.pool, "blr": s.blr, "lr": s.lr, "top1": last["top1"][s.name],
+                          "diverged": s.name in last["diverged"]} for s in self.model.specs}
+        return {**self.meta, "complete": complete, "epochs_done": last["epoch"] + 1, "val_images": last["val_images"],
+                "table": rows, "heads": heads, "history": self.history}
+
+    def write(self, complete: bool) -> None:
+        """Rewrite ``linear_eval.json`` and ``linear_eval.md`` (each atomically; rank 0)."""
+        doc = self.document(complete)
+        out = self.run.out_dir
+        save_json(doc, out / RESULTS_JSON)
+        tmp = out / f".{RESULTS_MD}.tmp"
+        tmp.write_text(markdown(doc))
+        os.replace(tmp, out / RESULTS_MD)
+
+    def check_resume(self, ckpt: Dict[str, Any], path: str) -> None:
+        saved = ckpt.get("linear_eval") or {}
+        if saved.get("heads") != self.names or saved.get("checkpoint") != self.meta["checkpoint"]:
+            raise UserError(
+                f"{path} holds a linear evaluation of {len(saved.get('heads') or [])} other heads or of another "
+                f"encoder ({saved.get('checkpoint')}); this run trains {len(self.names)} heads on "
+                f"{self.meta['checkpoint']}. Pass the flags of that run, or use a fresh --output_dir.")
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"linear_eval": {"heads": self.names, "checkpoint": self.meta["checkpoint"], "history": self.history}}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        self.history = list((ckpt.get("linear_eval") or {}).get("history") or [])
+
+    def result(self, trainer: Trainer, elapsed: float) -> Dict[str, Any]:
+        self.close()
+        _log.info("training time %s", fmt_seconds(elapsed))
+        self.run.on_main(lambda: self.write(complete=True))
+        doc = self.document(complete=True)
+        if self.run.is_main:
+            print(markdown(doc), flush=True)
+            print(f"wrote {self.run.out_dir / RESULTS_JSON} and {self.run.out_dir / RESULTS_MD}", flush=True)
+        return doc
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_id(source: str) -> str:
+    """How the results name the encoder: a local file by its absolute path (a rerun from elsewhere
+    still matches), a published name or URL as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_file() else source
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    cfg = LinearEvalConfig.from_args(args)
+    with start_run(cfg.run) as run:
+        return linear_eval(run, cfg)
+
+
+def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
+    f, t, device = c.eval, c.train, run.device
+    if not f.finetune:
+        raise UserError("Linear evaluation needs an encoder: pass --finetune CHECKPOINT.")
+    ckpt = convert.read_encoder(f.finetune, f.finetune_sha256)
+    encoder = models_vit.build_from(ckpt, f.model, f.input_size, f.num_heads).eval().requires_grad_(False).to(device)
+    depth, size = len(encoder.blocks), encoder.patch_embed.img_size[0]
+    layers = list(f.layers) if f.layers else list(range(1, depth + 1))
+    bad = [k for k in layers if not 1 <= k <= depth]
+    if bad:
+        raise UserError(f"--layers {','.join(map(str, bad))}: outside 1..{depth} for this {depth}-block encoder.")
+    features = [(layer, pool) for layer in sorted(set(layers)) for pool in POOLS if pool in f.pool]
+    spec = models_vit.checkpoint_spec(ckpt)
+    model_name = f.model or spec["model"] or (f"ViT width {ckpt.arch['embed_dim']}, depth {depth}, "
+                                              f"patch {ckpt.arch['patch_size']}")
+
+    info, eval_t = run.info, eval_transform(size)
+    train_t = eval_t if f.cache_features else linprobe_transform(size, f.crop_scale, f.hflip)
+    pin = t.pin_mem and device.type == "cuda"
+    train_data, val_reader, nb_classes = classification_data(
+        t.data_path, with_decode(train_t, t.decode), eval_t, f.nb_classes, True, t.batch_size, info.rank,
+        info.world_size, c.run.seed, t.num_workers, pin, True, t.shuffle_buffer, device)
+    total_batch = t.batch_size * info.world_size
+    specs = head_specs(features, f.blrs, total_batch)
+    recipe = RECIPES[f.recipe]
+    heads = LinearHeads(specs, features, encoder.embed_dim, nb_classes, c.run.seed, recipe.batch_norm).to(device)
+    optimizer = head_optimizer(heads, f.recipe, f.weight_decay)
+
+    show = run.is_main
+    if f.cache_features:
+        def fill() -> Tuple[torch.Tensor, torch.Tensor]:
+            if is_shard_spec(t.data_path):
+                reader = ShardEvalData(open_shards(t.data_path, "train"), eval_t, t.batch_size, info.rank, info.world_size,
+                                       t.num_workers, pin, return_ids=True)
+            else:
+                reader = build_eval_data(t.data_path, eval_t, t.batch_size, info.rank, info.world_size, t.num_workers,
+                                         pin, split="train")
+            feats, labels, ids = encode(encoder, features, indexed_batches(reader), device, run.amp_dtype,
+                                        "encoding train", show)
+            feats, labels = gather_by_index(feats, labels, ids, train_data.num_samples, device)
+            _log.info("cached %d training features of %d dims x %d (layer, pool) pairs: %.1f MB", labels.numel(),
+                      feats.shape[2], feats.shape[0], feats.numel() * feats.element_size() / 2 ** 20)
+            return feats, labels
+
+        data = CachedFeatures(fill, train_data.num_samples, t.batch_size, info.rank, info.world_size, c.run.seed)
+        cache: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+        def val() -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+            if not cache:
+                feats, labels = encode(encoder, features, val_reader, device, run.amp_dtype, "encoding val", show)
+                cache.extend((feats[:, i:i + t.batch_size], labels[i:i + t.batch_size])
+                             for i in range(0, labels.numel(), t.batch_size))
+            return cache
+    else:
+        data = train_data
+
+        def val() -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+            return progress(val_reader, desc="evaluating", unit="batch", leave=False, enabled=show)
+
+    steps = data.steps_per_epoch
+    schedule = cosine_schedule(1.0, 0.0, f.warmup_epochs, t.epochs, steps)
+    source = checkpoint_id(f.finetune)
+    meta = {"checkpoint": source, "model": model_name, "input_size": size, "recipe": f.recipe,
+            "recipe_text": recipe.what, "epochs": t.epochs, "total_batch": total_batch, "blrs": list(f.blrs),
+            "layers": sorted(set(layers)), "pools": [p for p in POOLS if p in f.pool], "cache_features": f.cache_features,
+            "seed": c.run.seed, "weight_decay": f.weight_decay, "warmup_epochs": f.warmup_epochs}
+    trainer_cfg = epoch_trainer_config(t, c.run.seed, steps)
+    job = LinearEvalJob(run, encoder, heads, optimizer, schedule, features, val, t.epochs, f.eval_every,
+                        trainer_cfg.total_steps, meta)
+    saved = run.resolved_args(c.flags, model=model_name, input_size=size, nb_classes=nb_classes, layers=meta["layers"],
+                              total_batch=total_batch, lrs=[s.lr for s in specs])
+    _log.info("%s: %d linear heads (%d layers x %s x %d learning rates, %s recipe) on %d classes; %d training images, "
+              "%d steps per epoch, total batch %d; the logged lr is the schedule's factor (each head: its lr times it)",
+              model_name, len(specs), len(set(layers)), "/".join(POOL_LABEL[p] for p in meta["pools"]), len(f.blrs),
+              f.recipe, nb_classes, data.num_samples, steps, total_batch)
+    trainer = Trainer(run, job, data, dataclasses.replace(trainer_cfg, clip_grad=None), saved)
+    with progress_logging():
+        try:
+            return trainer.fit()
+        finally:
+            job.close()
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
