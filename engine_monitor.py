@@ -58,8 +58,8 @@ def add_monitor_args(parser: argparse.ArgumentParser) -> None:
     """The monitor's flags (k-NN accuracy, reconstructions in TensorBoard, W&B) for ``main_pretrain.py``."""
     g = parser.add_argument_group("monitoring", "what is watched during pre-training (README: Monitoring)")
     g.add_argument("--knn_every", default=None, type=int, metavar="N",
-                   help=f"k-NN accuracy every N epochs and at the last (0: off; default: every {AUTO_EVERY} for "
-                        f"training folders of at most {AUTO_MAX_IMAGES} images, else off)")
+                   help=f"k-NN accuracy every N epochs and at the last (0: off; default: every {AUTO_EVERY} for an "
+                        f"image folder with train/ and val/ of at most {AUTO_MAX_IMAGES} training images, else off)")
     g.add_argument("--knn_layers", default=None, type=str2list(int), metavar="LAYERS",
                    help="encoder layers (1-based) the k-NN monitor reads (default: the supervised layers)")
     g.add_argument("--knn_train_per_class", default=20, type=int, metavar="N",
