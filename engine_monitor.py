@@ -101,28 +101,54 @@ class MonitorConfig(FlagConfig):
     wandb_project: str = "deepmim"
     wandb_name: Optional[str] = None
 
+    def validate(self, data_path: str, depth: int) -> None:
+        """Refuse bad monitor flags before the run starts (nothing is written yet).
+
+        Args:
+            data_path: ``--data_path``.
+            depth: the encoder's number of blocks (``--knn_layers`` are 1-based block indices).
+        """
+        for name in ("knn_every", "recon_every", "knn_train_per_class", "knn_val_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name} {value}: must be 0 or more.")
+        for name in ("knn_k", "knn_batch_size", "recon_images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1.")
+        if not self.knn_temperature > 0:
+            raise UserError(f"--knn_temperature {self.knn_temperature}: must be positive.")
+        bad = [x for x in self.knn_layers or () if not 1 <= x <= depth]
+        if bad:
+            raise UserError(f"--knn_layers {bad} outside 1..{depth}: layers are 1-based block indices of this "
+                            f"{depth}-block encoder.")
+        folder = self.monitor_data_path or data_path
+        asked = bool(self.knn_every) or bool(self.recon_every)
+        if asked and is_shard_spec(folder):
+            raise UserError(f"--knn_every / --recon_every read images from an image folder, but --data_path "
+                            f"{data_path!r} is tar shards: pass --monitor_data_path FOLDER (with train/ and val/), "
+                            f"or --knn_every 0 --recon_every 0.")
+        if asked:
+            root = resolve_data_path(folder)
+            for split in ("train", "val"):
+                if not (root / split).is_dir():
+                    raise UserError(f"The k-NN monitor and the reconstructions read labelled images from {root}/train "
+                                    f"and {root}/val, and {root / split} does not exist: pass --monitor_data_path "
+                                    f"FOLDER (ImageFolder layout, train/ and val/), or --knn_every 0 --recon_every 0.")
+
     def resolved(self, data_path: str, num_train_images: int) -> "MonitorConfig":
         """The intervals this run uses. Default (``None``): every :data:`AUTO_EVERY` epochs when the
         training data is an image folder with ``train/`` and ``val/`` of at most :data:`AUTO_MAX_IMAGES`
         training images (the built-in digits, CIFAR-sized sets), else off (ImageNet-sized data: ask
         with ``--knn_every N``).
 
-        Raises:
-            UserError: a monitor asked for on tar shards without ``--monitor_data_path``.
+        The flags are checked first (:meth:`validate`).
         """
         folder = self.monitor_data_path or data_path
-        shards = is_shard_spec(folder)
-        with_val = not shards and all((resolve_data_path(folder) / s).is_dir() for s in ("train", "val"))
+        with_val = not is_shard_spec(folder) and all((resolve_data_path(folder) / s).is_dir() for s in ("train", "val"))
         auto = AUTO_EVERY if with_val and num_train_images <= AUTO_MAX_IMAGES else 0
         knn_every = auto if self.knn_every is None else self.knn_every
         # a figure costs about what a k-NN evaluation costs (digits: 0.7 against 1.5 s): half as often
         recon_every = 2 * knn_every if self.recon_every is None else self.recon_every
-        if (knn_every > 0 or recon_every > 0) and shards:
-            raise UserError(f"--knn_every / --recon_every read images from an image folder, but --data_path "
-                            f"{data_path!r} is tar shards: pass --monitor_data_path FOLDER (with train/ and val/), "
-                            f"or --knn_every 0 --recon_every 0.")
-        if knn_every < 0 or recon_every < 0:
-            raise UserError("--knn_every / --recon_every must be 0 (off) or a number of epochs.")
         return self.replace(knn_every=knn_every, recon_every=recon_every, monitor_data_path=folder)
 
 
@@ -169,14 +195,8 @@ class KnnMonitor:
 
     def __init__(self, model: DeepMIM, cfg: MonitorConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
                  seed: int, num_workers: int = 0) -> None:
-        depth = model.cfg.depth
+        cfg.validate(cfg.monitor_data_path, model.cfg.depth)
         self.layers = tuple(cfg.knn_layers or model.cfg.ds_layers)
-        bad = [x for x in self.layers if not 1 <= x <= depth]
-        if bad:
-            raise UserError(f"--knn_layers {bad} outside 1..{depth}: layers are 1-based block indices of this "
-                            f"{depth}-block encoder.")
-        if cfg.knn_k < 1 or cfg.knn_temperature <= 0 or cfg.knn_batch_size < 1:
-            raise UserError("--knn_k and --knn_batch_size must be at least 1 and --knn_temperature positive.")
         self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
         self.encoder = shared_encoder(model)
         root = resolve_data_path(cfg.monitor_data_path)
@@ -184,10 +204,6 @@ class KnnMonitor:
         self.sets, self.num_classes = {}, 0
         for split, per_class, what in (("train", cfg.knn_train_per_class, "training"),
                                        ("val", cfg.knn_val_per_class, "validation")):
-            if not (root / split).is_dir():
-                raise UserError(f"The k-NN monitor reads labelled images from {root}/train and {root}/val, and "
-                                f"{root / split} does not exist: pass --monitor_data_path FOLDER (ImageFolder "
-                                f"layout, train/ and val/), or --knn_every 0.")
             ds = image_folder(root / split, transform, what)
             idx = knn.balanced_subset(ds.targets, per_class, seed + (split == "val"))
             self.sets[split] = (torch.utils.data.Subset(ds, idx), torch.tensor([ds.targets[i] for i in idx]))

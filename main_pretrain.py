@@ -144,6 +144,7 @@ def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device
 
 def main(args: argparse.Namespace) -> dict:
     cfg = PretrainConfig.from_args(args)
+    cfg.monitor.validate(cfg.train.data_path, cfg.model.model_config().depth)  # before anything is written
     with start_run(cfg.run) as run:
         return pretrain(run, cfg)
 

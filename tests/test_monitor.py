@@ -182,24 +182,33 @@ def test_the_monitor_does_not_change_what_training_computes(small_folder, tmp_pa
 
 
 def test_monitor_defaults_and_errors(small_folder, tmp_path):
-    # default: on for small image folders, off for ImageNet-sized data, refused on shards unless given a folder
+    # default: on for small image folders, off for ImageNet-sized data and for shards
     assert MonitorConfig().resolved("digits", 1438).knn_every == 2
+    assert MonitorConfig().resolved("digits", 1438).recon_every == 4
     assert MonitorConfig().resolved("/imagenet", 1_281_167).knn_every == 0
     assert MonitorConfig().resolved("/imagenet", 1_281_167).recon_every == 0
     assert MonitorConfig(knn_every=5).resolved("/imagenet", 1_281_167).recon_every == 10
-    assert MonitorConfig().resolved("digits", 1438).recon_every == 4
     assert MonitorConfig().resolved("/data/train-{000000..000009}.tar", 10).knn_every == 0
-    with pytest.raises(UserError, match="--monitor_data_path"):
-        MonitorConfig(knn_every=1).resolved("/data/train-{000000..000009}.tar", 10)
-    base = [*TINY, "--data_path", small_folder, "--batch_size", "16", "--epochs", "1", "--output_dir", tmp_path]
-    with pytest.raises(UserError, match=r"--knn_layers \[13\] outside 1..12"):
-        pretrain(*base, "--knn_layers", "6,13")
     train_only = tmp_path / "train_only"
     train_only.mkdir()
     (train_only / "train").symlink_to(small_folder / "train")
     assert MonitorConfig().resolved(str(train_only), 80).knn_every == 0  # no val/: off by default
-    with pytest.raises(UserError, match=r"train_only/val does not exist: pass --monitor_data_path"):
-        pretrain(*base, "--knn_every", "1", "--monitor_data_path", train_only)
+
+    # every mistake stops before the run writes anything
+    out = tmp_path / "out"
+    base = [*TINY, "--data_path", small_folder, "--batch_size", "16", "--epochs", "1", "--output_dir", out]
+    for flags, message in [
+        (["--knn_layers", "6,13"], r"--knn_layers \[13\] outside 1..12"),
+        (["--knn_every", "1", "--monitor_data_path", train_only], r"train_only/val does not exist: pass --monitor_data_path"),
+        (["--knn_k", "0"], "--knn_k 0: must be at least 1"),
+        (["--knn_temperature", "0"], "--knn_temperature 0.0: must be positive"),
+        (["--recon_every", "-1"], "--recon_every -1: must be 0 or more"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            pretrain(*base, *flags)
+    with pytest.raises(UserError, match="--monitor_data_path FOLDER"):
+        MonitorConfig(knn_every=1).validate("/data/train-{000000..000009}.tar", 12)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------
