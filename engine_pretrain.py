@@ -1,13 +1,15 @@
 """The pre-training job: the targets of one batch (each teacher runs once per step), the DeepMIM
-forward and its loss, the cosine schedule. The loop itself is ``util/trainer.py``."""
-from typing import Any, Dict, List, Sequence
+forward and its loss, the cosine schedule, and at epoch ends the monitor (k-NN accuracy,
+reconstructions: ``engine_monitor.py``). The loop itself is ``util/trainer.py``."""
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from engine_monitor import Monitor
 from models_deepmim import DeepMIM
 from targets.base import Target, check_resume_targets, compute_targets
-from util.trainer import Job
+from util.trainer import Commit, Job, Trainer
 
 
 def pretrain_loss(targets: Dict[str, Target], layer_targets: Sequence[str], mask_ratio: float):
@@ -30,19 +32,31 @@ class PretrainJob(Job):
         targets / layer_targets: the targets, and which one each supervised layer reconstructs.
         mask_ratio: fraction of patches removed.
         lr: the schedule, step -> learning rate.
+        monitor: what runs at epoch ends besides the losses (k-NN accuracy, reconstructions), or None.
     """
 
     def __init__(self, model: DeepMIM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 targets: Dict[str, Target], layer_targets: List[str], mask_ratio: float, lr) -> None:
+                 targets: Dict[str, Target], layer_targets: List[str], mask_ratio: float, lr,
+                 monitor: Optional[Monitor] = None) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.targets, self.layer_targets = targets, layer_targets
         self.metric_names = [f"L{x}" for x in model.cfg.ds_layers]
         self.metric_weights = list(model.cfg.ds_weights)
         self.loss = pretrain_loss(targets, layer_targets, mask_ratio)
         self._lr = lr
+        self.monitor = monitor
 
     def lr(self, step: int) -> float:
         return self._lr(step)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, train: Dict[str, float]) -> Commit:
+        """The epoch's ``train_*`` record, with the monitor's fields (``knn_L6_cls`` ...) when it ran."""
+        commit = super().on_epoch_end(trainer, epoch, train)
+        if self.monitor is not None:
+            epochs = trainer.total_steps // trainer.steps_per_epoch
+            commit.records[0].update(self.monitor.on_epoch_end(trainer.run, epoch, epochs,
+                                                               (epoch + 1) * trainer.steps_per_epoch))
+        return commit
 
     def check_resume(self, ckpt: Dict[str, Any], path: str) -> None:
         cfg = self.model.cfg

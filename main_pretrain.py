@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 import models_deepmim
+from engine_monitor import MonitorConfig, add_monitor_args, build_monitor
 from engine_pretrain import PretrainJob
 from targets.base import Target, TargetConfig, describe_targets
 from targets.registry import TARGETS, build_targets, layer_target_names
@@ -34,7 +35,7 @@ from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_s
 from util.data import build_train_data, check_data
 from util.datasets import pretrain_transform
 from util.lr_sched import cosine_schedule
-from util.misc import make_scaler, run_cli
+from util.misc import WandB, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
 from util.runner import Run, start_run
 from util.trainer import Trainer, epoch_trainer_config
@@ -97,6 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_optim_args(p, blr=1.5e-4, weight_decay=0.05, warmup_epochs=40)
     add_run_args(p)
     set_help(p, compile="torch.compile the model (and each frozen target network, separately)")
+    add_monitor_args(p)
     return p
 
 
@@ -129,13 +131,14 @@ class PretrainConfig:
     optim: OptimConfig
     model: ModelFlags
     targets: TargetConfig
+    monitor: MonitorConfig
     flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "PretrainConfig":
         flags = flag_dict(args)
         return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
-                   ModelFlags.from_flags(flags), TargetConfig.from_flags(flags), flags)
+                   ModelFlags.from_flags(flags), TargetConfig.from_flags(flags), MonitorConfig.from_flags(flags), flags)
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the
@@ -172,6 +175,7 @@ def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device
 def main(args: argparse.Namespace) -> dict:
     cfg = PretrainConfig.from_args(args)
     warnings = cfg.validate()  # a bad combination of flags stops here: nothing written yet
+    cfg.monitor.validate(cfg.train.data_path, cfg.model.model_config().depth)
     with start_run(cfg.run, warnings) as run:
         return pretrain(run, cfg)
 
@@ -190,13 +194,18 @@ def pretrain(run: Run, c: PretrainConfig) -> dict:
     optimizer = adamw(weight_decay_groups(model, optim.weight_decay), optim.lr, betas=(0.9, 0.95), device=device,
                       fused=optim.fused_adamw)
     scaler = make_scaler(device, amp_dtype)
+    mon = c.monitor.resolved(train.data_path, data.num_samples)
     # the resolved choice, as plain types in config.json and the checkpoints' args
     saved = run.resolved_args(c.flags, input_size=cfg.img_size, ds_layers=list(cfg.ds_layers),
                               ds_weights=list(cfg.ds_weights), ds_targets=list(layer_targets),
-                              target=layer_targets[0] if len(set(layer_targets)) == 1 else None, lr=optim.lr)
+                              target=layer_targets[0] if len(set(layer_targets)) == 1 else None, lr=optim.lr,
+                              knn_every=mon.knn_every, recon_every=mon.recon_every)
+    if mon.wandb and run.is_main:
+        run.tb.attach(WandB(mon.wandb_project, mon.wandb_name, saved, run.out_dir))
+    monitor = build_monitor(run, model, targets, layer_targets, mon, c.model.mask_ratio, c.run.seed, train.num_workers)
     job = PretrainJob(model, optimizer, scaler, targets, layer_targets, c.model.mask_ratio,
                       cosine_schedule(optim.lr, optim.min_lr, optim.warmup_epochs, train.epochs,
-                                      data.steps_per_epoch))
+                                      data.steps_per_epoch), monitor)
     trainer = Trainer(run, job, data, epoch_trainer_config(train, c.run.seed, data.steps_per_epoch), saved,
                       config_extra={"model_cfg": cfg.to_dict()})
 

@@ -405,6 +405,17 @@ for _size in ENCODERS:
 MODELS.register(_entry("base", 16), "mae_vit_base_patch16")
 MODELS.register(_entry("large", 16), "mae_vit_large_patch16")
 MODELS.register(_entry("huge", 14), "mae_vit_huge_patch14")
+# MAE's published recipe as the baseline: one decoder, on the last layer, 512 wide, 8 blocks, 16 heads
+# (MAE's models_mae.py names it mae_vit_base_patch16_dec512d8b); --ds_layers 12 alone keeps this repo's
+# 4-block decoder, a lighter baseline than MAE's
+MAE_RECIPES: Tuple[str, ...] = ()
+for _size, _patch in (("base", 16), ("large", 16), ("huge", 14)):
+    _mae = _entry(_size, _patch, ds_layers=(ENCODERS[_size]["depth"],), decoder_embed_dim=512, decoder_depth=8,
+                  decoder_num_heads=16)
+    _mae.__doc__ = f"MAE ViT-{_size}/{_patch} with MAE's published decoder (512 wide, 8 blocks, 16 heads, last layer)."
+    for _name in (f"mae_vit_{_size}_patch{_patch}_dec8", f"mae_vit_{_size}_patch{_patch}_dec512d8b"):
+        MODELS.register(_mae, _name)
+        MAE_RECIPES += (_name,)
 # for the built-in 32x32 data: patch 4 (8x8 grid), depth 12 so that layers 6/8/10/12 mean what they
 # mean in ViT-B, and a small decoder so that the CPU demo stays quick
 MODELS.register(

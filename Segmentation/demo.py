@@ -8,6 +8,7 @@ short warm-up.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script
@@ -17,7 +18,7 @@ import torch  # noqa: E402
 
 from Segmentation import train  # noqa: E402
 from util.cli import Parser, nonneg_int, positive_int  # noqa: E402
-from util.misc import run_cli  # noqa: E402
+from util.misc import fmt_seconds, run_cli  # noqa: E402
 
 RECIPE = ["--data_path", "synthetic", "--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device", "cpu",
           "--amp", "none", "--crop_size", "32", "--img_scale", "128", "32", "--stride", "21", "--channels", "64",
@@ -27,13 +28,15 @@ RECIPE = ["--data_path", "synthetic", "--model", "vit_tiny_patch4", "--out_indic
 
 
 def main(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
     # the demo's tensors are tiny: a second thread gains little, and on a busy 2-core machine OpenMP
     # threads waiting for each other made training several times slower (measured 0.2 vs 1-3 s/iteration)
     torch.set_num_threads(args.threads)
     stats = train.main(train.get_args_parser().parse_args(
         [*RECIPE, "--num_workers", str(args.num_workers), "--output_dir", args.output_dir]))
     print(f"seg-demo: mIoU {stats['mIoU']:.2f}  mAcc {stats['mAcc']:.2f}  aAcc {stats['aAcc']:.2f} on the "
-          f"{stats['images']} synthetic validation images; outputs in {args.output_dir}")
+          f"{stats['images']} synthetic validation images; outputs in {args.output_dir}; wall time "
+          f"{fmt_seconds(time.perf_counter() - t0)}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

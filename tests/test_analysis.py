@@ -197,16 +197,22 @@ def test_attention_tool_on_two_checkpoints(two_checkpoints, small_folder, tmp_pa
 # reconstruction figures
 
 
+def figure_px(columns: int, rows: int):
+    """engine_monitor.draw's size at 100 dpi: 1.5 in per column + 0.8 in (colour bar), 1.6 in per row + 0.4 in."""
+    return round(100 * (1.5 * columns + 0.8)), round(100 * (1.6 * rows + 0.4))
+
+
 def test_visualization_has_one_panel_per_supervised_layer_plus_the_inputs(tmp_path, small_folder):
     tiny_pretrain_checkpoint(tmp_path / "ckpt.pth", seed=0, ds_layers=(1, 2, 4))
     out = run(visualize, tmp_path / "ckpt.pth", "--data_path", small_folder, "--num_images", 3, "--out",
-              tmp_path / "rec.png")
-    # the figure is 1.6 in per column (image, masked, 3 layers) and 1.7 in per row at 100 dpi
-    assert png_size(out) == (160 * (2 + 3), 170 * 3)
+              tmp_path / "rec.png", "--device", "cpu")
+    assert png_size(out) == figure_px(2 + 3, 3)  # image, masked, 3 layers; 3 rows
 
     model, args = visualize.load_pretrained(str(tmp_path / "ckpt.pth"))
+    targets, names = visualize.rebuild_targets(model, args, "ckpt.pth")
+    assert names == ["pixel"] * 3 and targets["pixel"].norm_pix  # the checkpoint's --norm_pix_loss
     imgs = visualize.pick_images(str(small_folder), 16, 3)
-    rec = visualize.reconstruct(model, imgs, args["norm_pix_loss"], 0.75, seed=0)
+    rec = visualize.reconstruct(model, targets, names, imgs, 0.75, seed=0)
     fig = visualize.draw(imgs, rec, [1, 2, 4], (4, 4))
     axes = fig.axes
     assert len(axes) == 3 * 5 and all(len(ax.images) == 1 for ax in axes)
@@ -214,35 +220,36 @@ def test_visualization_has_one_panel_per_supervised_layer_plus_the_inputs(tmp_pa
     keep = rec["mask"] == 0  # [N, L]
     assert keep.sum(1).tolist() == [4, 4, 4]  # 25 % of 16 patches visible
     patches = patchify(imgs, 4)
-    for recon in rec["recons"]:  # visible patches pasted back exactly; masked ones predicted
+    for panel in rec["panels"]:  # visible patches pasted back exactly; masked ones predicted
+        recon = panel["recon"]
         assert torch.equal(patchify(recon, 4)[keep], patches[keep])
         assert not torch.allclose(patchify(recon, 4)[~keep], patches[~keep])
     assert torch.all(patchify(rec["masked"], 4)[~keep] == 0)
 
 
-def test_visualization_of_a_clip_checkpoint_draws_cosine_maps(tmp_path, small_folder, tiny_clip):
+def test_visualization_of_a_clip_checkpoint_draws_pca_colours_and_cosine_maps(tmp_path, small_folder, tiny_clip):
     ckpt = tmp_path / "clip.pth"
     tiny_pretrain_checkpoint(ckpt, seed=0, img_size=32, pred_dims=(32, 32), losses=("cosine", "cosine"))
     with pytest.raises(UserError, match="pass --clip_path"):
         run(visualize, ckpt, "--data_path", small_folder, "--out", tmp_path / "x.png")
     out = run(visualize, ckpt, "--data_path", small_folder, "--num_images", 2, "--clip_path", tiny_clip["state_dict"],
-              "--out", tmp_path / "cos.png")
-    assert png_size(out) == (160 * 4, 170 * 2)
+              "--out", tmp_path / "cos.png", "--device", "cpu")
+    assert png_size(out) == figure_px(2 + 1 + 2 * 2, 2)  # image, masked, CLIP target; per layer PCA and cosine
 
-    model, _ = visualize.load_pretrained(str(ckpt))
+    model, args = visualize.load_pretrained(str(ckpt))
+    targets, names = visualize.rebuild_targets(model, args, str(ckpt), {"clip_path": str(tiny_clip["state_dict"])})
+    assert names == ["clip", "clip"]
     imgs = visualize.pick_images(str(small_folder), 32, 2)
-    from targets.clip import CLIPTeacher, load_clip_visual
-
-    with torch.no_grad():
-        target = CLIPTeacher(load_clip_visual(str(tiny_clip["state_dict"])))(imgs)
-    rec = visualize.reconstruct(model, imgs, False, 0.75, seed=0, targets=target)
-    cos = rec["cosine"][0]
+    rec = visualize.reconstruct(model, targets, names, imgs, 0.75, seed=0)
+    cos = rec["panels"][0]["cosine"]
     assert cos.shape == (2, 64) and torch.all(cos.abs() <= 1 + 1e-6)
     # the layer's training loss is 2 - 2 cos, averaged over the masked patches
     m = rec["mask"]
     assert torch.allclose(rec["losses"][0], ((2 - 2 * cos) * m).sum(1) / m.sum(1), atol=1e-5)
+    assert rec["target_pca"]["clip"].shape == (2, 64, 3) and rec["panels"][1]["pca"].shape == (2, 64, 3)
     fig = visualize.draw(imgs, rec, [2, 4], (8, 8))
-    assert len(fig.axes) == 2 * 4
+    assert len(fig.axes) == 2 * 7 + 1  # and the colour bar of the cosine maps
+    assert fig.axes[-1].get_ylabel() == "cos(prediction, target)"
 
 
 def test_visualize_refuses_a_checkpoint_without_model_cfg(two_checkpoints):

@@ -29,13 +29,26 @@ def test_registry_has_the_reference_names_and_lists_them_on_error():
 @pytest.mark.parametrize("name", models_deepmim.MODELS.names())
 def test_every_registered_model_builds_with_tiny_widths(name):
     cfg = model_config(name)
-    assert cfg.ds_layers == models_deepmim.default_ds_layers(cfg.depth)
+    # MAE's recipes supervise the last layer only
+    last_only = name in models_deepmim.MAE_RECIPES
+    assert cfg.ds_layers == ((cfg.depth,) if last_only else models_deepmim.default_ds_layers(cfg.depth))
     # same entry point, small widths so that every model is built for real
     model = create_model(name, embed_dim=16, num_heads=2, decoder_embed_dim=16, decoder_num_heads=2,
                          decoder_depth=1, img_size=cfg.patch_size * 2)
     imgs = torch.randn(2, 3, cfg.patch_size * 2, cfg.patch_size * 2)
     out = model(imgs, PixelTarget(cfg.patch_size * 2, cfg.patch_size)(imgs))
     assert out.layer_losses.shape == (len(cfg.ds_layers),) and torch.isfinite(out.loss)
+
+
+def test_mae_baseline_is_maes_published_decoder_on_the_last_layer():
+    """MAE's models_mae.py: mae_vit_base_patch16_dec512d8b, one decoder 512 wide, 8 blocks, 16 heads."""
+    for name in ("mae_vit_base_patch16_dec8", "mae_vit_base_patch16_dec512d8b"):
+        cfg = model_config(name)
+        assert (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.ds_layers) == (768, 12, 16, (12,))
+        assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 8, 16)
+    assert model_config("mae_vit_huge_patch14_dec8").ds_layers == (32,)
+    # the same encoder as DeepMIM's; a flag still overrides the recipe
+    assert model_config("mae_vit_base_patch16_dec8", ds_layers=[6, 8, 10, 12]).ds_layers == (6, 8, 10, 12)
 
 
 def test_reference_base_config():

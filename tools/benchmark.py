@@ -236,21 +236,35 @@ def print_table(results: List[Dict[str, Any]]) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
+def say(msg: str) -> None:
+    """One progress line on stdout, at once (a ViT-B setting takes minutes on a CPU)."""
+    print(f"benchmark: {msg}", flush=True)
+
+
 def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str, Any]]:
     settings = bench_args.compare or [""]
-    benches = [Bench(s, bench_args.mode, base_argv + shlex.split(s), bench_args) for s in settings]
+    benches = []
+    for s in settings:
+        say(f"building {s or '(base)'}")
+        benches.append(Bench(s, bench_args.mode, base_argv + shlex.split(s), bench_args))
     for b in benches:  # warm-up (and compilation), then FLOPs of one step
+        t0 = time.perf_counter()
         for _ in range(bench_args.warmup):
             b.step(record=False)
         if not bench_args.no_flops:
             b.count_flops()
+        say(f"{b.label or '(base)'}: {bench_args.warmup} warm-up step(s){'' if bench_args.no_flops else ' and the FLOP count'} "
+            f"in {time.perf_counter() - t0:.1f} s")
     if benches[0].device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     per_round = max(1, bench_args.steps // bench_args.rounds)
-    for _ in range(bench_args.rounds):  # alternate settings so that drifts hit all of them alike
+    for r in range(bench_args.rounds):  # alternate settings so that drifts hit all of them alike
         for b in benches:
             for _ in range(per_round):
                 b.step()
+            ms = statistics.median(sum(t.values()) for t in b.times)
+            say(f"round {r + 1}/{bench_args.rounds}, {b.label or '(base)'}: {len(b.times)} step(s) timed, median "
+                f"{ms:.1f} ms/step ({b.batch / (ms / 1e3):.1f} img/s)")
     device = benches[0].device
     results = [b.summary(peak_for(device, bench_args.peak_tflops)) for b in benches]
     print_table(results)

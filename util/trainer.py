@@ -10,7 +10,9 @@ is the epoch, kept for MAE's flags, ``log.txt`` and the checkpoint's ``epoch`` f
 2. forward, backward (gradient accumulation without DDP's all-reduce on accumulation steps), loss
    scaling, clipping, the optimizer step (:func:`train_step`);
 3. every ``log_every`` steps: the window's mean metrics (console, TensorBoard, and the job's own
-   ``log.txt`` record where it has one); the non-finite guard (:class:`NonFiniteTracker`);
+   ``log.txt`` record where it has one); the non-finite guard (:class:`NonFiniteTracker`); where
+   the time goes (:class:`Progress`: data-loading share, images/s, ETA of the epoch and the run,
+   peak memory);
 4. commit points: at the end of every epoch (epoch-based jobs: the job's epoch hook, e.g. evaluation
    and the best checkpoint, then ``log.txt`` and the checkpoints) or every ``eval_every`` /
    ``save_every`` / ``save_last_every`` steps (iteration-based jobs);
@@ -50,7 +52,7 @@ from util.config import TrainConfig
 from util.data import TrainData
 from util.errors import UserError
 from util.lr_sched import set_lr
-from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, seed_everything
+from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, peak_memory, seed_everything
 from util.runner import Run
 
 _log = logging.getLogger(__name__)
@@ -213,7 +215,8 @@ class Job:
 
     def progress(self, trainer: "Trainer", done: int, values: Sequence[float], summary: Dict[str, float], lr: float,
                  sec_per_it: float) -> str:
-        """The console line of a log step (MAE's: ``epoch 3 [40/312] loss ... lr ... s/it``)."""
+        """The console line of a log step (MAE's: ``epoch 3 [40/312] loss ... lr ... s/it``); the trainer
+        adds the timing fields after it (:meth:`Progress.fields`)."""
         epoch, it = divmod(done - 1, trainer.steps_per_epoch)
         names = list(self.metric_names)
         parts = " ".join(f"{n} {v:.4f}" for n, v in zip(names, values)) if len(names) > 1 else ""
@@ -226,8 +229,9 @@ class Job:
         return None
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, train: Dict[str, float]) -> Commit:
-        """Epoch-based jobs: the epoch's ``log.txt`` record from the training stats (``train_*``),
-        plus whatever the job adds (evaluation, the best checkpoint)."""
+        """Epoch-based jobs: the epoch's ``log.txt`` record from the training stats (``train_*``: the
+        epoch's mean metrics and mean lr), plus whatever the job adds (evaluation, the best
+        checkpoint). The trainer adds ``epoch`` and ``n_parameters`` to each record (MAE's keys)."""
         return Commit([{f"train_{k}": v for k, v in train.items()}], [])
 
     def on_step(self, trainer: "Trainer", done: int) -> Commit:
@@ -328,6 +332,57 @@ class _Sums:
             self.carry_n = int(state["count"])
 
 
+class Progress:
+    """Where the time goes, for the log lines: wall time per step, the part of it spent waiting for
+    the next batch (``next(batches)``: data loading not hidden by the loader workers), images/s,
+    the ETA of the epoch and of the run, peak memory. Host clocks and allocator counters only: no
+    device synchronisation.
+
+    Args:
+        start: the step this process started at (a resumed run's rate counts its own steps only).
+        images_per_step: images of one step over every process.
+    """
+
+    def __init__(self, start: int, images_per_step: int) -> None:
+        self.start, self.images_per_step = start, images_per_step
+        self.t_start = self.t_window = time.perf_counter()
+        self.data = 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.data += seconds
+
+    def skip(self) -> None:
+        """Leave the time since the last step (an epoch end: evaluation, monitor, saving) out of the
+        window, so that s/it and images/s are those of training steps; the run's ETA keeps it."""
+        self.t_window = time.perf_counter()
+
+    def window(self, steps: int) -> Tuple[float, float]:
+        """(wall seconds per step, data seconds per step) since the last call; starts the next window."""
+        now = time.perf_counter()
+        out = ((now - self.t_window) / max(1, steps), self.data / max(1, steps))
+        self.t_window, self.data = now, 0.0
+        return out
+
+    def eta_run(self, done: int, total: int) -> float:
+        """Seconds left at this process's mean rate so far, epoch-end work (evaluation, saving) included."""
+        return (time.perf_counter() - self.t_start) / max(1, done - self.start) * (total - done)
+
+    def fields(self, trainer: "Trainer", done: int, sec: float, data: float) -> Tuple[str, Dict[str, float]]:
+        """The text after the job's progress line, and the same numbers as TensorBoard scalars."""
+        spe = trainer.steps_per_epoch
+        ips = self.images_per_step / max(sec, 1e-9)
+        gib, what = peak_memory(trainer.run.device)
+        parts = [f"data {data:.3f} s/it ({100 * data / max(sec, 1e-9):.0f}%)", f"{ips:.1f} img/s"]
+        if trainer.cfg.by_epoch:  # iteration-based jobs print their own ETA
+            left_in_epoch = (spe - done % spe) % spe
+            parts.append(f"eta epoch {fmt_seconds(sec * left_in_epoch)} run "
+                         f"{fmt_seconds(self.eta_run(done, trainer.total_steps))}")
+        parts.append(f"{what} {gib:.2f} GB")
+        scalars = {"perf/s_per_it": sec, "perf/data_s_per_it": data, "perf/images_per_s": ips,
+                   "perf/peak_memory_gb": gib}
+        return ", ".join(parts), scalars
+
+
 def record_step(record: Dict[str, Any], steps_per_epoch: int) -> int:
     """The global step a ``log.txt`` record belongs to (``iteration``, or the end of its ``epoch``)."""
     if "iteration" in record:
@@ -366,6 +421,8 @@ class Trainer:
         self.last_train: Dict[str, float] = {}
         self.lr = job.optimizer.param_groups[0]["lr"]
         self.train_model: Optional[nn.Module] = None
+        # MAE's log.txt field: the trained parameters
+        self.n_parameters = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -519,14 +576,14 @@ class Trainer:
         n_local = self.window.n
         values = self.window.mean()
         summary = job.summary(values)
-        sec = (time.perf_counter() - self._t_window) / max(1, n_local)
-        _log.info("%s", job.progress(self, done, values, summary, self.lr, sec))
-        run.tb.scalars({f"train/{k}": v for k, v in summary.items()} | {"train/lr": self.lr}, done)
+        sec, data = self._progress.window(n_local)
+        timing, perf = self._progress.fields(self, done, sec, data)
+        _log.info("%s, %s", job.progress(self, done, values, summary, self.lr, sec), timing)
+        run.tb.scalars({f"train/{k}": v for k, v in summary.items()} | {"train/lr": self.lr} | perf, done)
         record = job.on_log(self, done, summary, self.lr, sec)
         if record is not None:
             self._pending.append(record)
         self.window.reset()
-        self._t_window = time.perf_counter()
 
     def _preempt_mid(self, done: int) -> None:
         """Every rank: write checkpoint-last.pth at ``done`` (with the running sums), then stop."""
@@ -552,12 +609,14 @@ class Trainer:
         accum = max(1, cfg.accum_iter)
         rank = run.info.rank
         self._pending: List[Dict[str, Any]] = []
-        self._t_window = time.perf_counter()
+        self._progress = Progress(start, cfg.batch_size * run.info.world_size)
         t0 = time.time()
         job.optimizer.zero_grad(set_to_none=True)
         batches = self.data.batches(start)
         for step in range(start, total):
+            t_wait = time.perf_counter()
             batch = next(batches)
+            self._progress.waited(time.perf_counter() - t_wait)
             epoch, it = divmod(step, spe)
             if it % accum == 0:
                 self.lr = set_lr(job.optimizer, job.lr(step))
@@ -580,6 +639,7 @@ class Trainer:
 
             if epoch_end:
                 self._end_epoch(epoch, last)
+                self._progress.skip()
                 model.train(True)
                 if not last and run.stop.sync():
                     run.preempted(f"the start of epoch {epoch + 1}")
@@ -595,16 +655,24 @@ class Trainer:
         self.run.tb.flush()
         return job.result(self, time.time() - t0)
 
+    def epoch_mean_lr(self, epoch: int) -> float:
+        """The mean over ``epoch``'s iterations of the lr in effect (MAE logs its meter's average as
+        ``train_lr``). The lr is set at each accumulation boundary from the step alone, so the mean
+        follows from the schedule: the same after a resume as without one."""
+        spe, accum = self.steps_per_epoch, max(1, self.cfg.accum_iter)
+        first = epoch * spe
+        return sum(self.job.lr(first + it - it % accum) for it in range(spe)) / spe
+
     def _end_epoch(self, epoch: int, last: bool) -> None:
         self.nonfinite.check(self.steps_per_epoch)
-        self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.lr}
+        self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.epoch_mean_lr(epoch)}
         self.epoch_sums.reset()
         hook = self.job.on_epoch_end(self, epoch, self.last_train)
         files = [ckpt_util.LAST]
         if epoch % self.cfg.save_every == 0 or last:
             files.append(ckpt_util.numbered(epoch))
         files += hook.files
-        records = self._pending + [{**r, "epoch": epoch} for r in hook.records]
+        records = self._pending + [{**r, "epoch": epoch, "n_parameters": self.n_parameters} for r in hook.records]
         self._pending = []
         self.commit((epoch + 1) * self.steps_per_epoch, records, files)
 
