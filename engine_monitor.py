@@ -462,6 +462,20 @@ class Monitor:
                  cfg: MonitorConfig) -> None:
         self.knn, self.recon, self.cfg = knn_monitor, recon, cfg
 
+    def before_training(self, run: Run) -> Dict[str, float]:
+        """The k-NN accuracy of the encoder before its first step (the baseline every later value is
+        compared with): ``{'knn_init_L6_cls': ...}`` for the epoch-0 line of ``log.txt``, and the
+        TensorBoard scalars ``knn/*`` at step 0. Random generators restored afterwards."""
+        if self.knn is None:
+            return {}
+        cuda = [run.device] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            t0 = time.perf_counter()
+            acc = self.knn.evaluate()
+        _log.info("%s", knn_line(-1, acc, time.perf_counter() - t0).replace("epoch -1", "before training"))
+        run.tb.scalars({f"knn/{k}": v for k, v in acc.items()}, 0)
+        return {f"knn_init_{k}": v for k, v in acc.items()}
+
     def on_epoch_end(self, run: Run, epoch: int, epochs: int, step: int) -> Dict[str, float]:
         """Run what is due after ``epoch`` of ``epochs``: returns the ``log.txt`` fields
         (``knn_L6_cls`` ...); writes the TensorBoard scalars (``knn/L6_cls`` ...) and the figure

@@ -45,13 +45,24 @@ class PretrainJob(Job):
         self.loss = pretrain_loss(targets, layer_targets, mask_ratio)
         self._lr = lr
         self.monitor = monitor
+        self.knn_init: Dict[str, float] = {}  # the initial encoder's k-NN accuracy, until the epoch-0 line has it
 
     def lr(self, step: int) -> float:
         return self._lr(step)
 
+    def on_start(self, trainer: Trainer, start: int) -> None:
+        """A fresh run measures the k-NN accuracy of its initial encoder (kept for the epoch-0 line,
+        and in a checkpoint written before that line, so that it survives a resume)."""
+        if self.monitor is not None and start == 0:
+            self.knn_init = self.monitor.before_training(trainer.run)
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, train: Dict[str, float]) -> Commit:
-        """The epoch's ``train_*`` record, with the monitor's fields (``knn_L6_cls`` ...) when it ran."""
+        """The epoch's ``train_*`` record, with the monitor's fields (``knn_L6_cls`` ...) when it ran,
+        and on the first epoch the initial encoder's (``knn_init_L6_cls`` ...)."""
         commit = super().on_epoch_end(trainer, epoch, train)
+        if self.knn_init:
+            commit.records[0].update(self.knn_init)
+            self.knn_init = {}
         if self.monitor is not None:
             epochs = trainer.total_steps // trainer.steps_per_epoch
             commit.records[0].update(self.monitor.on_epoch_end(trainer.run, epoch, epochs,
@@ -63,4 +74,7 @@ class PretrainJob(Job):
         check_resume_targets(ckpt, cfg.pred_dims, cfg.losses, self.layer_targets, path)
 
     def extra_state(self) -> Dict[str, Any]:
-        return {"model_cfg": self.model.cfg.to_dict()}
+        return {"model_cfg": self.model.cfg.to_dict(), **({"knn_init": dict(self.knn_init)} if self.knn_init else {})}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        self.knn_init = dict(ckpt.get("knn_init") or {})  # measured before training, not logged yet

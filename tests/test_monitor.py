@@ -122,10 +122,14 @@ def test_the_logged_knn_is_that_of_the_weights_at_each_epoch(small_folder, tmp_p
     for r in log:
         model, _ = load_pretrained(str(out / f"checkpoint-{r['epoch']}.pth"))
         again = KnnMonitor(model, cfg, torch.device("cpu"), None, seed=0).evaluate()
-        assert again == {k[4:]: v for k, v in r.items() if k.startswith("knn_")}
-    names = [k for k in log[0] if k.startswith("knn_")]
+        assert again == {k[4:]: v for k, v in r.items() if k.startswith("knn_L")}
+    names = [k for k in log[0] if k.startswith("knn_L")]
     assert len(names) == 8 and any(log[0][k] != log[1][k] for k in names)
     assert max(log[1][k] for k in names) > 25  # far above chance (10 classes)
+    # the initial encoder's, measured before the first step, is in the epoch-0 line only
+    init = {k[len("knn_init_"):]: v for k, v in log[0].items() if k.startswith("knn_init_")}
+    assert sorted(init) == sorted(k[4:] for k in names) and not any(k.startswith("knn_init_") for k in log[1])
+    assert init != {k[4:]: log[0][k] for k in names}
 
 
 def test_logs_tensorboard_and_progress_of_a_monitored_run(small_folder, tmp_path):
@@ -158,8 +162,8 @@ def test_logs_tensorboard_and_progress_of_a_monitored_run(small_folder, tmp_path
     assert {"knn/L6_cls", "knn/L12_avg", "perf/images_per_s", "perf/data_s_per_it", "perf/peak_memory_gb",
             "train/loss", "train/lr"} <= set(tags["scalars"])
     knn12 = acc.Scalars("knn/L12_cls")
-    assert [e.step for e in knn12] == [spe, 2 * spe]  # at the global step of each epoch end
-    assert [e.value for e in knn12] == pytest.approx([r["knn_L12_cls"] for r in log])
+    assert [e.step for e in knn12] == [0, spe, 2 * spe]  # before the first step, then at each epoch end
+    assert [e.value for e in knn12] == pytest.approx([log[0]["knn_init_L12_cls"]] + [r["knn_L12_cls"] for r in log])
     (image,) = acc.Images("reconstruction")  # every 2 epochs: after epoch 1 only
     assert image.step == 2 * spe and image.encoded_image_string[:4] == b"\x89PNG" and image.width > 300
 
@@ -346,4 +350,8 @@ def test_the_demo_resumes_monitors_and_tabulates_the_knn(tmp_path):
                                               "knn_L12_cls": 38.25, "knn_L12_avg": 37.0}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert demo.knn_table(log) == ["epoch           L6          L12", "    1   41.0/ 40.5   38.2/ 37.0"]
+    rows[0].update(knn_init_L6_cls=45.0, knn_init_L6_avg=44.0, knn_init_L12_cls=43.0, knn_init_L12_avg=42.5)
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo.knn_table(log) == ["epoch           L6          L12", " init   45.0/ 44.0   43.0/ 42.5",
+                                   "    1   41.0/ 40.5   38.2/ 37.0"]
     assert demo.knn_table(tmp_path / "missing.txt") == []

@@ -234,6 +234,9 @@ class Job:
         checkpoint). The trainer adds ``epoch`` and ``n_parameters`` to each record (MAE's keys)."""
         return Commit([{f"train_{k}": v for k, v in train.items()}], [])
 
+    def on_start(self, trainer: "Trainer", start: int) -> None:
+        """Before the first step of this run (``start``: the step it begins at; 0 for a fresh run)."""
+
     def on_step(self, trainer: "Trainer", done: int) -> Commit:
         """Iteration-based jobs: evaluation records (and files) at step ``done``."""
         return Commit([], [])
@@ -605,6 +608,7 @@ class Trainer:
         run.save_config(self.saved_args, **self.config_extra)
         model = wrap(job.model, run.device, run.info.distributed, cfg.grad_checkpointing, cfg.compile)
         self.train_model = model
+        job.on_start(self, start)
         model.train(True)
         accum = max(1, cfg.accum_iter)
         rank = run.info.rank
