@@ -40,14 +40,7 @@ PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--inp
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs in this process use one thread, like the processes the tests start (OMP_NUM_THREADS=1):
-    two busy-waiting threads per process on a shared 2-core machine run 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 
 def clean_env(**extra: str) -> dict:

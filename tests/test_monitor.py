@@ -23,9 +23,7 @@ TINY = ["--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--decoder_d
         "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1.5e-3", "--no_auto_resume"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(one_torch_thread):
-    """One torch thread here, like the processes the tests start (a shared 2-core machine)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 
 def pretrain(*args):

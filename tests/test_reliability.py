@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
-from test_distributed import PRETRAIN, clean_env, first_sample_of, one_thread, popen, replace_by_pipe  # noqa: F401
+from test_distributed import PRETRAIN, clean_env, first_sample_of, popen, replace_by_pipe
 
 import main_pretrain
 import models_deepmim
@@ -37,7 +37,7 @@ from util.errors import UserError
 from util.misc import run_cli, temp_path, write_atomic
 from util.runner import start_run
 
-# one_thread (imported above, autouse): one thread per run, like the processes the tests start
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
         "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "100",

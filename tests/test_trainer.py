@@ -37,12 +37,7 @@ TINY_SEG = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device"
             "--save_last_every", "100", "--stop_check_every", "1", "--data_path", "synthetic"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 
 @pytest.fixture(scope="module")
