@@ -151,7 +151,8 @@ def test_mixed_ds_targets_train_and_the_teacher_runs_once_per_step(small_folder,
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         pretrain("--data_path", small_folder, "--output_dir", out, "--epochs", 5, "--warmup_epochs", 1,
-                 "--blr", "2e-3", "--clip_path", tiny_clip["state_dict"], "--ds_targets", "hog,pixel,clip,clip")
+                 "--blr", "2e-3", "--clip_path", tiny_clip["state_dict"], "--ds_targets", "hog,pixel,clip,clip",
+                 "--knn_every", 0, "--recon_every", 0)  # the monitors' forwards are not training steps
     finally:
         handle.remove()
     assert_layer_losses_went_down(out)
