@@ -7,6 +7,8 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= output_dir/demo
 SEG_DEMO ?= output_dir/seg_demo
 GPU_CHECK ?= output_dir/gpu_check
+# pytest-xdist workers of `make test` (one torch thread each): one per core
+TEST_WORKERS ?= 2
 
 .PHONY: install demo seg-demo test lint clean experiments gpu-check gpu-wheels
 
@@ -33,7 +35,7 @@ experiments: install
 
 # CPU only: the tests marked cuda are skipped here, with the reason; `make gpu-check` runs them on a GPU
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # the prepared GPU check (tools/GPU_CHECK.md): the cuda tests and the ViT-B benchmark rows into $(GPU_CHECK);
 # DRY_RUN=1 runs every line of it on CPU with tiny settings

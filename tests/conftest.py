@@ -18,12 +18,24 @@ sys.path.insert(0, str(ROOT))
 CUDA_SKIP = "needs a CUDA GPU: tools/gpu_check.sh runs these on one (tools/GPU_CHECK.md)"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers): one torch thread per worker and in every
+    process a test starts, so that two workers share two cores without busy-waiting threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device."""
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device. The tests
+    of the demo's end-to-end run (marked ``demo``, minutes) come first, so that one worker starts on
+    them while the others take the rest."""
     if not torch.cuda.is_available():
         for item in items:
             if item.get_closest_marker("cuda"):
                 item.add_marker(pytest.mark.skip(reason=CUDA_SKIP))
+
+    items.sort(key=lambda item: item.get_closest_marker("demo") is None)  # stable: the order is otherwise kept
 
 
 @pytest.fixture(scope="session", autouse=True)

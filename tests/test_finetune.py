@@ -1,5 +1,6 @@
 """Fine-tuning, evaluation and linear probing, end to end on the built-in digits."""
 import json
+import os
 
 import pytest
 import torch
@@ -18,11 +19,25 @@ def finetune(*args):
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_pretrain")
-    main_pretrain.main(main_pretrain.get_args_parser().parse_args([*DEMO_PRETRAIN, "--num_workers", "0",
-                                                                    "--output_dir", str(out)]))
-    return out / "checkpoint-last.pth"
+def finetuned(tmp_path_factory):
+    """The demo's pre-training then fine-tuning (minutes), run once per ``make test``: under
+    pytest-xdist the first worker that needs it runs it in the workers' shared temporary folder and
+    the other waits for it (a file lock), instead of both running it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    done = root / "demo_finetune" / "stats.json"
+    with FileLock(str(root / "demo.lock")):
+        if not done.exists():
+            pre, out = root / "demo_pretrain", root / "demo_finetune"
+            main_pretrain.main(main_pretrain.get_args_parser().parse_args(
+                [*DEMO_PRETRAIN, "--num_workers", "0", "--output_dir", str(pre)]))
+            stats = finetune(*DEMO_FINETUNE, "--num_workers", 0, "--finetune", pre / "checkpoint-last.pth",
+                             "--output_dir", out)
+            done.write_text(json.dumps(stats))
+    return done.parent, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +52,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def finetuned(demo_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_finetune")
-    stats = finetune(*DEMO_FINETUNE, "--num_workers", 0, "--finetune", demo_checkpoint, "--output_dir", out)
-    return out, stats
-
-
+@pytest.mark.demo
 def test_finetuning_the_demo_checkpoint_reaches_90_percent(finetuned):
     """The demo's pre-training and fine-tuning recipes (tools/demo.py), end to end: at least 90 %."""
     out, stats = finetuned
@@ -56,6 +65,7 @@ def test_finetuning_the_demo_checkpoint_reaches_90_percent(finetuned):
     assert ckpt["max_accuracy"] == stats["max_accuracy"]
 
 
+@pytest.mark.demo
 def test_eval_reproduces_the_logged_accuracy(finetuned, tmp_path):
     out, stats = finetuned
     log = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]

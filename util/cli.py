@@ -13,8 +13,9 @@
 import argparse
 import math
 import re
-import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
+
+from util.errors import say
 
 Group = argparse._ArgumentGroup
 
@@ -36,7 +37,7 @@ class UsageError(SystemExit):
 
 def usage_error(message: str) -> NoReturn:
     """Print ``error: message`` (one line, stderr) and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise UsageError(message)
 
 

@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can fix."""
+import sys
 
 
 class UserError(Exception):
@@ -21,3 +22,10 @@ class Preempted(Exception):
     def __init__(self, message: str, reported: bool = False) -> None:
         super().__init__(message)
         self.reported = reported
+
+
+def say(line: str) -> None:
+    """``line`` and its newline to stderr in one write: the ranks of a job share one stream, and a
+    line written in two parts (``print`` writes the text, then the newline) interleaves with theirs."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

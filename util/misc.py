@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from util.errors import Preempted, UserError
+from util.errors import Preempted, UserError, say
 from util.preempt import EXIT_PREEMPTED
 
 _log = logging.getLogger(__name__)
@@ -43,13 +43,13 @@ def run_cli(main: Callable[[Any], Any], args: Any) -> None:
     try:
         main(args)
     except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        say(f"stopped: {e}")
         raise SystemExit(0 if e.reported else EXIT_PREEMPTED) from None
     except UserError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message only
             msg = msg.rsplit("UserError: ", 1)[-1].strip()
-        print(f"error: {msg}", file=sys.stderr)
+        say(f"error: {msg}")
         raise SystemExit(2) from None
 
 
