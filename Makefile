@@ -29,7 +29,7 @@ demo: install
 seg-demo: install
 	$(BIN)/python Segmentation/demo.py --output_dir $(SEG_DEMO)
 
-# the small study (EXPERIMENTS.md): plain MAE vs DeepMIM, 3 seeds each, on the built-in digits (~12 min on 2 idle cores)
+# the small study (EXPERIMENTS.md): plain MAE vs DeepMIM, 3 seeds each, on the built-in digits (12 to 20 min on 2 idle cores)
 experiments: install
 	$(BIN)/python tools/run_experiments.py --output_dir experiments --work_dir output_dir/experiments
 
