@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix."""
+"""What a script turns into one line on stderr and an exit status: a user's mistake (2), a preemption (3)."""
 import sys
 
 
