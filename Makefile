@@ -10,7 +10,7 @@ GPU_CHECK ?= output_dir/gpu_check
 # pytest-xdist workers of `make test` (one torch thread each): one per core
 TEST_WORKERS ?= 2
 
-.PHONY: install demo seg-demo test lint clean experiments gpu-check gpu-wheels
+.PHONY: install demo seg-demo test test-all lint clean experiments gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ seg-demo: install
 experiments: install
 	$(BIN)/python tools/run_experiments.py --output_dir experiments --work_dir output_dir/experiments
 
-# CPU only: the tests marked cuda are skipped here, with the reason; `make gpu-check` runs them on a GPU
+# the fast tier (every module; minutes on 2 cores): the tests marked slow (the demo's recipe, the long
+# kill / resume series, torch.compile) are left to test-all. CPU only: the tests marked cuda are
+# skipped here, with the reason; `make gpu-check` runs them on a GPU
 test: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# everything: the fast tier and the slow tests (CI runs this)
+test-all: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # the prepared GPU check (tools/GPU_CHECK.md): the cuda tests and the ViT-B benchmark rows into $(GPU_CHECK);

@@ -8,10 +8,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
-from torch import nn
-
-import models_vit
 from util import checkpoint as ckpt_util
 from util import convert
 from util import dist as dist_util
@@ -24,6 +20,11 @@ from util.lr_sched import cosine_schedule
 from util.misc import autocast, fmt_seconds, make_scaler
 from util.runner import Run
 from util.trainer import Commit, Job, Trainer, epoch_trainer_config
+
+import torch
+from torch import nn
+
+import models_vit
 
 _log = logging.getLogger(__name__)
 

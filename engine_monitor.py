@@ -26,14 +26,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
-
-import models_vit
-from models_deepmim import DeepMIM
-from targets.base import Target, compute_targets
-from targets.losses import LOSSES
-from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify
 from util import dist as dist_util
 from util import knn
 from util.cli import increasing, nonneg_int, positive_float, positive_int, str2list
@@ -45,6 +37,15 @@ from util.misc import autocast
 from util.preempt import worker_init
 from util.runner import Run
 from util.shards import is_shard_spec
+
+import torch
+from torch import nn
+
+import models_vit
+from models_deepmim import DeepMIM
+from targets.base import Target, compute_targets
+from targets.losses import LOSSES
+from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify
 
 _log = logging.getLogger(__name__)
 

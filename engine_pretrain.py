@@ -3,13 +3,14 @@ forward and its loss, the cosine schedule, and at epoch ends the monitor (k-NN a
 reconstructions: ``engine_monitor.py``). The loop itself is ``util/trainer.py``."""
 from typing import Any, Dict, List, Optional, Sequence
 
+from util.trainer import Commit, Job, Trainer
+
 import torch
 from torch import nn
 
 from engine_monitor import Monitor
 from models_deepmim import DeepMIM
 from targets.base import Target, check_resume_targets, compute_targets
-from util.trainer import Commit, Job, Trainer
 
 
 def pretrain_loss(targets: Dict[str, Target], layer_targets: Sequence[str], mask_ratio: float):

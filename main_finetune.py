@@ -11,21 +11,6 @@ import argparse
 import dataclasses
 import logging
 
-import torch
-from timm.data import Mixup
-from timm.layers import trunc_normal_
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-import models_vit
-from engine_finetune import (
-    DEFAULT_MODEL,
-    ClassifyConfig,
-    checkpoint_flags,
-    classification_data,
-    classification_loss,
-    eval_sources,
-    run_classification,
-)
 from util.cli import (
     Parser,
     StrictPair,
@@ -42,6 +27,22 @@ from util.datasets import eval_transform, finetune_transform
 from util.misc import run_cli
 from util.optim import adamw, layer_decay_groups
 from util.runner import Run, start_run
+
+import torch
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models_vit
+from engine_finetune import (
+    DEFAULT_MODEL,
+    ClassifyConfig,
+    checkpoint_flags,
+    classification_data,
+    classification_loss,
+    eval_sources,
+    run_classification,
+)
 
 _log = logging.getLogger("main_finetune")
 

@@ -15,6 +15,13 @@ import dataclasses
 import logging
 from typing import List
 
+from util.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
+from util.convert import load_encoder
+from util.datasets import eval_transform, linprobe_transform
+from util.errors import UserError
+from util.misc import run_cli
+from util.runner import Run, start_run
+
 import torch
 from timm.layers import trunc_normal_
 from timm.optim import Lars
@@ -30,12 +37,6 @@ from engine_finetune import (
     eval_sources,
     run_classification,
 )
-from util.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
-from util.convert import load_encoder
-from util.datasets import eval_transform, linprobe_transform
-from util.errors import UserError
-from util.misc import run_cli
-from util.runner import Run, start_run
 
 _log = logging.getLogger("main_linprobe")
 

@@ -10,13 +10,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
-import models_deepmim
-from engine_monitor import MonitorConfig, add_monitor_args, build_monitor
-from engine_pretrain import PretrainJob
-from targets.base import Target, TargetConfig, describe_targets
-from targets.registry import TARGETS, build_targets, layer_target_names
 from util.cli import (
     Parser,
     add_optim_args,
@@ -39,6 +32,14 @@ from util.misc import WandB, make_scaler, run_cli
 from util.optim import adamw, weight_decay_groups
 from util.runner import Run, start_run
 from util.trainer import Trainer, epoch_trainer_config
+
+import torch
+
+import models_deepmim
+from engine_monitor import MonitorConfig, add_monitor_args, build_monitor
+from engine_pretrain import PretrainJob
+from targets.base import Target, TargetConfig, describe_targets
+from targets.registry import TARGETS, build_targets, layer_target_names
 
 _log = logging.getLogger("main_pretrain")
 

@@ -22,6 +22,10 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from util.errors import UserError
+from util.pos_embed import sincos_2d
+from util.registry import VIT_ARCHS, Registry
+
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
@@ -29,9 +33,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from targets.losses import LOSSES, masked_mean
-from util.errors import UserError
-from util.pos_embed import sincos_2d
-from util.registry import VIT_ARCHS, Registry
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 

@@ -10,13 +10,13 @@ import logging
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
-
 from util import convert
 from util.errors import UserError
 from util.registry import VIT_ARCHS, Registry, vit_heads
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 MODELS = Registry("fine-tuning model")
 _log = logging.getLogger(__name__)

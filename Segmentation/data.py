@@ -20,15 +20,15 @@ import logging
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from util.datasets import SeededDataset, cache_root
+from util.errors import UserError
+from util.misc import derive_seed
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from util.datasets import SeededDataset, cache_root
-from util.errors import UserError
-from util.misc import derive_seed
 
 _log = logging.getLogger(__name__)
 

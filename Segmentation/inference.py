@@ -18,14 +18,15 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from util import dist as dist_util
+from util.errors import UserError
+from util.misc import autocast
+
 import torch
 import torch.nn.functional as F
 
 from Segmentation.data import rescale_size
 from Segmentation.metrics import intersect_and_union
-from util import dist as dist_util
-from util.errors import UserError
-from util.misc import autocast
 
 _log = logging.getLogger(__name__)
 

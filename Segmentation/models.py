@@ -24,6 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from util.convert import load_encoder
+from util.errors import UserError
+
 import torch
 import torch.nn.functional as F
 from timm.layers import gen_relative_position_index, resample_abs_pos_embed, resize_rel_pos_bias_table_simple
@@ -31,8 +34,6 @@ from torch import nn
 
 import models_vit
 from Segmentation.data import IGNORE_INDEX
-from util.convert import load_encoder
-from util.errors import UserError
 
 STRIDES = (4, 8, 16, 32)
 

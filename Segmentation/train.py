@@ -22,20 +22,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a script (python / torchrun Segmentation/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from Segmentation import data  # noqa: E402
-from Segmentation.inference import AUG_RATIOS, InferenceConfig, check_inference, evaluate  # noqa: E402
-from Segmentation.metrics import format_table, summarize  # noqa: E402
-from Segmentation.models import (  # noqa: E402
-    SegConfig,
-    Segmentor,
-    ViTBackbone,
-    load_pretrained,
-    pixel_accuracy,
-    seg_cross_entropy,
-)
 from util import checkpoint as ckpt_util  # noqa: E402
 from util import convert  # noqa: E402
 from util import dist as dist_util  # noqa: E402
@@ -63,6 +49,21 @@ from util.misc import fmt_seconds, make_scaler, run_cli  # noqa: E402
 from util.optim import adamw, layer_decay_groups  # noqa: E402
 from util.runner import Run, start_run  # noqa: E402
 from util.trainer import Commit, Job, Trainer, TrainerConfig  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from Segmentation import data  # noqa: E402
+from Segmentation.inference import AUG_RATIOS, InferenceConfig, check_inference, evaluate  # noqa: E402
+from Segmentation.metrics import format_table, summarize  # noqa: E402
+from Segmentation.models import (  # noqa: E402
+    SegConfig,
+    Segmentor,
+    ViTBackbone,
+    load_pretrained,
+    pixel_accuracy,
+    seg_cross_entropy,
+)
 
 _log = logging.getLogger("Segmentation.train")
 

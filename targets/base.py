@@ -14,13 +14,13 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 _log = logging.getLogger(__name__)
 

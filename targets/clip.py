@@ -21,14 +21,15 @@ import logging
 import os
 from typing import Dict, Optional, Sequence
 
-import torch
-from torch import nn
-
-from targets.base import FrozenTeacher, check_layer, preprocess_stats
 from util.checkpoint import read_checkpoint
 from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
 from util.registry import vit_heads
+
+import torch
+from torch import nn
+
+from targets.base import FrozenTeacher, check_layer, preprocess_stats
 
 _log = logging.getLogger(__name__)
 

@@ -21,11 +21,12 @@ pixels), in float32 outside autocast.
 import math
 from typing import Optional, Tuple
 
+from util.errors import UserError
+
 import torch
 import torch.nn.functional as F
 
 from targets.base import Target
-from util.errors import UserError
 
 
 def default_cell(patch_size: int, max_cell: int = 8) -> int:

@@ -7,13 +7,14 @@ Each distinct target is built once and runs once per step, however many supervis
 import logging
 from typing import Dict, List, Tuple
 
+from util.errors import UserError
+from util.registry import Registry
+
 from targets.base import Student, Target, TargetConfig, check_grid
 from targets.clip import CLIPTeacher, load_clip_visual
 from targets.hog import HOGTarget
 from targets.pixel import PixelTarget
 from targets.teachers import build_teacher
-from util.errors import UserError
-from util.registry import Registry
 
 _log = logging.getLogger(__name__)
 

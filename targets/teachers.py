@@ -27,15 +27,16 @@ import difflib
 import os
 from typing import Optional, Sequence
 
+from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from util.convert import HEAD_PREFIXES, read_encoder
+from util.errors import UserError
+
 import torch
 from torch import nn
 
 from models_vit import build_from
 from targets.base import FrozenTeacher, Student, TargetConfig, check_layer, preprocess_stats
 from targets.clip import CLIPTeacher, load_clip_visual
-from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from util.convert import HEAD_PREFIXES, read_encoder
-from util.errors import UserError
 
 CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 

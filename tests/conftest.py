@@ -1,13 +1,21 @@
-"""Shared fixtures: a private data cache, small image folders, a tiny random CLIP on disk, and a
-helper that runs the real scripts in real processes, a local HTTP server and download cache."""
+"""Shared fixtures and helpers: a private data cache and private library caches, small image folders,
+a tiny random CLIP on disk, the real scripts in real processes (in-process where the contract is not
+about processes), ports for launches that need one, a local HTTP server and download cache, and the
+check that a run leaves nothing in the system temp directory."""
 import functools
 import http.server
+import itertools
+import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 import torch
@@ -18,12 +26,39 @@ sys.path.insert(0, str(ROOT))
 CUDA_SKIP = "needs a CUDA GPU: tools/gpu_check.sh runs these on one (tools/GPU_CHECK.md)"
 
 
+# where libraries write unless told otherwise (home-folder caches, the system temp directory): every
+# process of the run is pointed into the run's own folder instead
+LIBRARY_DIRS = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "TORCH_HOME",
+                "HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
+
+
+def _temp_entries() -> set:
+    """The system temp directory's entries, less pytest's own ``pytest-of-<user>`` (tmp_path lives there)."""
+    return {n for n in os.listdir(tempfile.gettempdir()) if not n.startswith("pytest-of-")}
+
+
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs two workers): one torch thread per worker and in every
-    process a test starts, so that two workers share two cores without busy-waiting threads."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
+    """One torch thread in the test processes and in every process a test starts: the tensors are tiny,
+    pytest-xdist runs one worker per core, and busy-waiting OpenMP threads of several processes on a
+    2-core machine slow everything down. It also makes the numbers of an in-process run equal to those
+    of a started process (a float sum's rounding follows the thread count)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    if not hasattr(config, "workerinput"):  # the controller, or the only process
+        config._temp_before = _temp_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run, all its workers and every process they started, left nothing in the system temp directory."""
+    before = getattr(session.config, "_temp_before", None)
+    if before is None:
+        return
+    left = sorted(_temp_entries() - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"FAILED: the tests left {len(left)} entries in {tempfile.gettempdir()}: {left[:10]}",
+                            red=True)
+        session.exitstatus = 1
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,20 +75,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """Every test (and every process it starts) writes the built-in digits to a private cache."""
+    """Every test (and every process it starts) writes the built-in digits to a private cache, and the
+    libraries' caches (matplotlib, torch.compile, W&B, ...) to private folders."""
     cache = tmp_path_factory.mktemp("cache")
     os.environ["DEEPMIM_CACHE"] = str(cache)
+    libs = tmp_path_factory.mktemp("library_dirs")
+    for name in LIBRARY_DIRS:
+        os.environ[name] = str(libs / name.lower())
     return cache
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """torch on one thread in this process, like the processes the tests start (OMP_NUM_THREADS=1):
-    busy-waiting threads of several processes on a shared 2-core machine slow everything down."""
-    before = torch.get_num_threads()
+    """Every test on one torch thread (pytest_configure), also after a test that changed it."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +146,103 @@ def run_script(script: str, *args: str, timeout: int = 600, check: bool = True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_pretrain(*args) -> Dict:
+    """``main_pretrain.py ARGS`` in this process (no imports to repeat)."""
+    import main_pretrain
+
+    return main_pretrain.main(main_pretrain.get_args_parser().parse_args([*map(str, args)]))
+
+
+def run_finetune(*args) -> Dict:
+    """``main_finetune.py ARGS`` in this process."""
+    import main_finetune
+
+    return main_finetune.main(main_finetune.get_args_parser().parse_args([*map(str, args)]))
+
+
+def read_log(out: Path) -> List[Dict]:
+    """The JSON lines of ``out/log.txt``."""
+    return [json.loads(x) for x in (Path(out) / "log.txt").read_text().splitlines() if x.strip()]
+
+
+def weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The ``model`` state dict of a checkpoint file."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    """Same keys, every tensor equal to ``atol`` (absolute)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k].float(), b[k].float()
+        assert torch.allclose(x, y, atol=atol, rtol=0), (k, (x - y).abs().max().item())
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def clean_env(tmp: Path = None, **extra: str) -> Dict[str, str]:
+    """This environment without any launcher's variables (the test may itself run under one), one torch
+    thread, unbuffered output, plus ``extra``. With ``tmp`` (the test's tmp_path): ``TMPDIR`` in a folder
+    of it, for launchers that write there (torchrun's ``torchelastic_*`` log folders, never removed)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    if tmp is not None:
+        (Path(tmp) / "tmp").mkdir(exist_ok=True)
+        extra = {"TMPDIR": str(Path(tmp) / "tmp"), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+# Ports for launches that take one (MASTER_PORT, --master_port); torchrun --standalone picks its own.
+# Asking the kernel for a free port and then handing it to a process that binds it later is a race:
+# the kernel may give the same ephemeral port to anyone in between. These ports come from below the
+# ephemeral range (the kernel never hands those out by itself), from a block of 500 of each pytest-xdist
+# worker's own (two concurrent tests never share a worker's counter), at a random offset per run (two
+# concurrent runs of the suite), and each is checked to be bindable before it is handed out.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_PORTS = itertools.count(20000 + (_WORKER % 24) * 500 + random.Random().randrange(0, 480, 20))
+
+
+def free_port() -> int:
+    """A port that no other test of any concurrent run of this suite is handed, bindable right now."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+TINY_DEEPMIM = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=16,
+                   decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny_deepmim(**overrides):
+    """A seeded DeepMIM of 4 blocks of width 32 at 16 px (patch 4), decoders of one block; ``overrides``
+    change any field of its config (e.g. ``depth=2, ds_layers=(1, 2)``)."""
+    import models_deepmim
+
+    torch.manual_seed(0)
+    return models_deepmim.DeepMIM(models_deepmim.DeepMIMConfig(**{**TINY_DEEPMIM, **overrides}))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random pre-training checkpoint of the demo's model (``deepmim_vit_tiny_patch4`` at 16 px, decoder
+    depth 1): what the resume, probe and kill tests start from (they test mechanics, not what
+    pre-training learnt)."""
+    import models_deepmim
+
+    path = tmp_path_factory.mktemp("tiny_pretrain") / "checkpoint-0.pth"
+    torch.manual_seed(0)
+    cfg = models_deepmim.model_config("deepmim_vit_tiny_patch4", img_size=16, decoder_depth=1)
+    torch.save({"model": models_deepmim.DeepMIM(cfg).state_dict(), "epoch": 0, "args": {}, "model_cfg": cfg.to_dict()},
+               path)
+    return path
 
 
 @pytest.fixture()

@@ -26,6 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from util.checkpoint import unwrap  # noqa: E402
+from util.config import RunConfig  # noqa: E402
+from util.lr_sched import cosine_schedule  # noqa: E402
+from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
+from util.runner import start_run  # noqa: E402
+from util.trainer import Job, Trainer, TrainerConfig  # noqa: E402
+
 import torch  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 
@@ -34,12 +41,6 @@ import models_vit  # noqa: E402
 from engine_finetune import classification_loss  # noqa: E402
 from targets.base import compute_targets  # noqa: E402
 from targets.pixel import PixelTarget  # noqa: E402
-from util.checkpoint import unwrap  # noqa: E402
-from util.config import RunConfig  # noqa: E402
-from util.lr_sched import cosine_schedule  # noqa: E402
-from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
-from util.runner import start_run  # noqa: E402
-from util.trainer import Job, Trainer, TrainerConfig  # noqa: E402
 
 BATCH, SIZE, PATCH = 8, 16, 4
 

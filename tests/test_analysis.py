@@ -2,6 +2,9 @@
 import json
 import math
 
+from util import convert
+from util.errors import UserError
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +14,6 @@ import models_deepmim
 import models_vit
 from targets.pixel import patchify
 from tools import attention_analysis, probe_layers, visualize
-from util import convert
-from util.errors import UserError
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)

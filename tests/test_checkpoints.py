@@ -3,6 +3,10 @@ reference DeepMIM / MAE ``save_model`` writes them load, files that would run co
 running it, and evaluation rebuilds the model the checkpoint holds."""
 import shutil
 
+from util import convert, hub
+from util.datasets import classification_datasets, eval_loader, eval_transform
+from util.errors import UserError
+
 import pytest
 import torch
 from test_serialization import CarriesPayload, RunsCode, mae_args
@@ -17,9 +21,6 @@ from Segmentation import train as seg_train
 from targets.base import TargetConfig
 from targets.registry import build_targets
 from tools import convert_checkpoint, visualize
-from util import convert, hub
-from util.datasets import classification_datasets, eval_loader, eval_transform
-from util.errors import UserError
 
 FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu", "--batch_size", "16",
             "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-3", "--aa", "none",
@@ -32,7 +33,6 @@ SEG = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device", "cp
        "--data_path", "synthetic"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 
 def reference_state_dict():

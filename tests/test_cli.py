@@ -3,6 +3,13 @@ exit 2 for each mistake, and a ``--help`` that shows every default (issues 13 an
 import argparse
 import shlex
 
+from util import cli
+from util.config import RunConfig, TrainConfig, flag_dict
+from util.datasets import check_folders
+from util.errors import UserError
+from util.misc import run_cli
+from util.runner import start_run
+
 import pytest
 import torch
 from conftest import run_script
@@ -17,12 +24,6 @@ from Segmentation import models as seg_models
 from Segmentation import train as seg_train
 from tools import attention_analysis, benchmark, convert_checkpoint, linear_eval, probe_layers, run_experiments, visualize
 from tools import demo as demo_tool
-from util import cli
-from util.config import RunConfig, TrainConfig, flag_dict
-from util.datasets import check_folders
-from util.errors import UserError
-from util.misc import run_cli
-from util.runner import start_run
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--device", "cpu", "--num_workers", "0"]
 TINY_SEG = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--channels", "16", "--aux_channels", "8",

@@ -1,10 +1,11 @@
+from util.errors import UserError
+
 import pytest
 import torch
 
 from targets.base import TargetConfig
 from targets.clip import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, CLIPTeacher, load_clip_visual
 from targets.registry import build_targets
-from util.errors import UserError
 
 
 def _reference_tokens(clip_model, imgs):

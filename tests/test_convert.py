@@ -6,6 +6,9 @@ import os
 import threading
 import zipfile
 
+from util import convert, serialization
+from util.errors import UserError
+
 import pytest
 import timm
 import torch
@@ -16,8 +19,6 @@ from safetensors.torch import save_file
 import models_deepmim
 import models_vit
 from tools import convert_checkpoint
-from util import convert, serialization
-from util.errors import UserError
 
 PRE = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
            decoder_num_heads=2)

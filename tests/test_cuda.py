@@ -12,7 +12,6 @@ which would put a ~1e-3 error into the side that is meant to be exact.
 """
 import contextlib
 import copy
-import json
 import math
 import subprocess
 import sys
@@ -20,16 +19,17 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from util.misc import make_scaler
+from util.optim import adamw, weight_decay_groups
+
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, read_log, run_script
 
 import models_deepmim
 from targets.base import compute_targets
 from targets.clip import CLIPTeacher, load_clip_visual
 from targets.pixel import PixelTarget
-from util.misc import make_scaler
-from util.optim import adamw, weight_decay_groups
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -135,8 +135,6 @@ def count_syncs(fn: Callable[[], None]) -> int:
     return sum(SYNC_WARNING in str(w.message) for w in caught)
 
 
-def read_log(out: Path) -> List[Dict]:
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def finite_numbers(entry: Dict, prefix: str) -> Dict[str, float]:

@@ -8,21 +8,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-import dist_step
-import pytest
-import torch
-from conftest import ROOT, run_script
-from torch.utils.data import DistributedSampler
-from torchvision import datasets
-
-import main_finetune
-import main_pretrain
 from util import checkpoint as ckpt_util
 from util.dist import detect, first_slurm_host
 from util.errors import Preempted, UserError
@@ -30,7 +20,16 @@ from util.misc import append_jsonl, check_free_space, temp_path
 from util.preempt import EXIT_PREEMPTED
 from util.trainer import rescale_step
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+import dist_step
+import pytest
+import torch
+from conftest import ROOT, assert_same_weights, clean_env, free_port, run_script, weights
+from torch.utils.data import DistributedSampler
+from torchvision import datasets
+
+import main_finetune
+import main_pretrain
+
 PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
             "--batch_size", "4", "--accum_iter", "2", "--epochs", "1", "--warmup_epochs", "1", "--blr", "1e-3",
             "--log_every", "1", "--save_every", "1", "--stop_check_every", "1"]
@@ -40,20 +39,6 @@ PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--inp
 # helpers
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
-
-
-def clean_env(**extra: str) -> dict:
-    """This environment without any launcher's variables (the test may itself run under one)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def popen(argv, env, **kw) -> subprocess.Popen:
@@ -99,16 +84,6 @@ def fake_scontrol(tmp_path: Path) -> Path:
     (bindir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
     (bindir / "scontrol").chmod(0o755)
     return log
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max().item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +162,7 @@ def test_a_script_started_with_a_half_set_environment_says_so(tmp_path):
 
 
 def test_one_step_on_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    ddp = popen(torchrun(ROOT / "tests" / "dist_step.py", tmp_path), clean_env())
+    ddp = popen(torchrun(ROOT / "tests" / "dist_step.py", tmp_path), clean_env(tmp_path))
     dist_step.main(tmp_path)  # one process, whole batch, here (while torchrun starts)
     check_ok(*finish([ddp]))
     for name in ("pretrain", "finetune"):
@@ -206,7 +181,7 @@ def test_dist_eval_counts_every_image_once(small_folder, tmp_path):
     next((data / "val" / "7").iterdir()).unlink()  # 39 images: not divisible by 2
     args = ["--eval", "--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu", "--data_path", str(data),
             "--batch_size", "8", "--num_workers", "0"]
-    ddp = popen(torchrun("main_finetune.py", *args, "--dist_eval", "--output_dir", tmp_path / "ddp"), clean_env())
+    ddp = popen(torchrun("main_finetune.py", *args, "--dist_eval", "--output_dir", tmp_path / "ddp"), clean_env(tmp_path))
     single = main_finetune.main(main_finetune.get_args_parser().parse_args([*args, "--output_dir", str(tmp_path / "one")]))
     (code,), (err,) = finish([ddp])
     assert code == 0, err
@@ -222,6 +197,7 @@ def test_dist_eval_counts_every_image_once(small_folder, tmp_path):
 # preemption
 
 
+@pytest.mark.slow  # siblings: test_trainer's in-process SIGTERM of every job, the SIGUSR1 test below
 def test_sigterm_mid_epoch_checkpoints_exits_3_and_the_rerun_matches_an_uninterrupted_run(small_folder, tmp_path):
     # the same training uninterrupted, started with python -m torch.distributed.launch (it passes
     # --local-rank=N and sets LOCAL_RANK), on its own copy of the data, meanwhile
@@ -229,7 +205,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_3_and_the_rerun_matches_an_uninterr
     full = tmp_path / "full"
     ref = popen(["-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port", str(free_port()),
                  "main_pretrain.py", *PRETRAIN, "--data_path", tmp_path / "data_ref", "--output_dir", full,
-                 "--num_workers", "0"], clean_env())
+                 "--num_workers", "0"], clean_env(tmp_path))
 
     data = tmp_path / "data"
     shutil.copytree(small_folder / "train", data / "train")
@@ -343,6 +319,7 @@ def test_rescale_step_continues_after_the_same_samples():
 # crash safety
 
 
+@pytest.mark.slow  # sibling: test_trainer's kill -9 after the commit's first file, resumed exactly
 def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one_and_auto_resume_uses_it(small_folder, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",

@@ -3,18 +3,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_deepmim
 
-import models_deepmim
 from targets.clip import CLIPTeacher, load_clip_visual
 from targets.pixel import PixelTarget
 
-CFG = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-           decoder_num_heads=2, ds_layers=(1, 2))
-
 
 def tiny():
-    torch.manual_seed(0)
-    return models_deepmim.DeepMIM(models_deepmim.DeepMIMConfig(**CFG))
+    return tiny_deepmim(depth=2, ds_layers=(1, 2))
 
 
 def op_names(fn) -> set:
@@ -41,6 +37,7 @@ def test_student_and_teacher_attention_take_the_fused_path(tiny_clip):
         assert fused and "aten::softmax" not in ops, sorted(ops)
 
 
+@pytest.mark.slow  # compiling takes minutes on CPU; the eager fused-attention tests above are its sibling
 def test_compiled_and_eager_losses_and_gradients_are_equal():
     model = tiny()
     imgs = torch.randn(4, 3, 16, 16)

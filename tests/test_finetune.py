@@ -4,18 +4,15 @@ import os
 
 import pytest
 import torch
+from conftest import run_finetune
 
-import main_finetune
 import main_linprobe
 import main_pretrain
-import models_deepmim
 import models_vit
 from tools.demo import FINETUNE as DEMO_FINETUNE  # noqa: E402
 from tools.demo import PRETRAIN as DEMO_PRETRAIN  # noqa: E402
 
-
-def finetune(*args):
-    return main_finetune.main(main_finetune.get_args_parser().parse_args([*map(str, args)]))
+finetune = run_finetune
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +37,8 @@ def finetuned(tmp_path_factory):
     return done.parent, json.loads(done.read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A random pre-training checkpoint of the demo's model: what the resume and probe tests start from
-    (they test the mechanics, not what pre-training learnt)."""
-    path = tmp_path_factory.mktemp("tiny_pretrain") / "checkpoint-0.pth"
-    torch.manual_seed(0)
-    cfg = models_deepmim.model_config("deepmim_vit_tiny_patch4", img_size=16, decoder_depth=1)
-    torch.save({"model": models_deepmim.DeepMIM(cfg).state_dict(), "epoch": 0, "args": {}, "model_cfg": cfg.to_dict()},
-               path)
-    return path
-
-
 @pytest.mark.demo
+@pytest.mark.slow  # fast sibling: the fine-tuning, --eval and resume tests below, on 80 images
 def test_finetuning_the_demo_checkpoint_reaches_90_percent(finetuned):
     """The demo's pre-training and fine-tuning recipes (tools/demo.py), end to end: at least 90 %."""
     out, stats = finetuned
@@ -66,6 +52,7 @@ def test_finetuning_the_demo_checkpoint_reaches_90_percent(finetuned):
 
 
 @pytest.mark.demo
+@pytest.mark.slow  # fast sibling: the fine-tuning, --eval and resume tests below, on 80 images
 def test_eval_reproduces_the_logged_accuracy(finetuned, tmp_path):
     out, stats = finetuned
     log = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
@@ -92,6 +79,7 @@ def test_finetune_resume_continues_and_keeps_the_best_accuracy(tiny_checkpoint, 
     assert a["max_accuracy"] == b["max_accuracy"]
 
 
+@pytest.mark.slow  # siblings: test_trainer's SIGTERM of a layer-6 probe, tools/linear_eval's per-layer heads
 def test_linear_probe_of_layers_1_and_12(tiny_checkpoint, tmp_path):
     results = {}
     for layer in (1, 12):

@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from util import hub
+from util.errors import UserError
+
 import pytest
 import torch
 from conftest import ROOT
-
-from util import hub
-from util.errors import UserError
 
 
 def weights_file(path: Path) -> str:

@@ -8,25 +8,21 @@ import signal
 import subprocess
 import sys
 
+from util.datasets import FolderData
+from util.errors import Preempted, UserError
+
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 import models_deepmim
 from tools import linear_eval
-from util.datasets import FolderData
-from util.errors import Preempted, UserError
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, ds_layers=(2, 4))
 # 80 training images / 16 = 5 steps per epoch; 40 validation images
 COMMON = ["--device", "cpu", "--num_workers", "0", "--batch_size", "16", "--epochs", "2", "--log_every", "100",
           "--crop_scale", "0.5", "1", "--hflip", "0", "--stop_check_every", "1", "--blrs", "0.1", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(one_torch_thread):
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +139,12 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_same_table(reference,
     assert files_of(stopped) == files_of(out) and (stopped / "checkpoint-last.pth").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # three processes; sibling: test_distributed's 2-process --dist_eval (the same gather)
 def test_two_processes_equal_one(encoder_ckpt, small_folder, tmp_path):
     """2 gloo processes of 8 images each (features cached by shards, then gathered) = 1 process of 16."""
     single, double = tmp_path / "single", tmp_path / "double"
     run(encoder_ckpt, small_folder, single, "--cache_features")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env(tmp_path)
     args = argv(encoder_ckpt, small_folder, double, "--cache_features")
     args[args.index("--batch_size") + 1] = "8"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

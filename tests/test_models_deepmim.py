@@ -1,18 +1,16 @@
+from util.errors import UserError
+
 import pytest
 import torch
+from conftest import TINY_DEEPMIM, tiny_deepmim
 
 import models_deepmim
 from models_deepmim import DeepMIMConfig, create_model, model_config
 from targets.pixel import PixelTarget
-from util.errors import UserError
-
-TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=16,
-            decoder_depth=1, decoder_num_heads=2)
 
 
 def tiny(**kw):
-    torch.manual_seed(0)
-    return models_deepmim.DeepMIM(DeepMIMConfig(**{**TINY, **kw})).eval()
+    return tiny_deepmim(**kw).eval()
 
 
 def test_registry_has_the_reference_names_and_lists_them_on_error():
@@ -160,11 +158,11 @@ def test_per_layer_targets_and_losses():
 ])
 def test_bad_config_messages(kw, message):
     with pytest.raises(UserError, match=message):
-        DeepMIMConfig(**{**TINY, **kw})
+        DeepMIMConfig(**{**TINY_DEEPMIM, **kw})
 
 
 def test_config_round_trips_through_plain_dict():
-    cfg = DeepMIMConfig(**TINY, ds_layers=(2, 4))
+    cfg = DeepMIMConfig(**TINY_DEEPMIM, ds_layers=(2, 4))
     d = cfg.to_dict()
     assert all(isinstance(v, (int, float, str, list)) for v in d.values())
     model = models_deepmim.model_from_config(d)

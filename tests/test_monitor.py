@@ -1,37 +1,32 @@
 """What a researcher watches during pre-training: the k-NN monitor, reconstructions in TensorBoard,
 progress lines, MAE's log.txt keys, W&B, the reconstruction tool for every target."""
+import importlib.metadata
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from conftest import ROOT, run_script
-
-import main_pretrain
-from engine_monitor import MonitorConfig
-from util import knn
+from util import import_wandb, knn
 from util.cli import UsageError
 from util.errors import UserError
 from util.lr_sched import cosine_schedule
+
+import pytest
+import torch
+from conftest import ROOT, clean_env, read_log, run_pretrain, run_script
+
+import main_pretrain
+from engine_monitor import MonitorConfig
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--decoder_depth", "1", "--device", "cpu",
         "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1.5e-3", "--no_auto_resume"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
 
 
-def pretrain(*args):
-    return main_pretrain.main(main_pretrain.get_args_parser().parse_args([*map(str, args)]))
-
-
-def read_log(out: Path):
-    return [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+pretrain = run_pretrain
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,20 +72,21 @@ def test_subsets_are_seeded_and_class_balanced():
 # the monitor in pre-training
 
 
+@pytest.mark.slow  # four processes; sibling: test_distributed's 2-process --dist_eval (the same gather)
 def test_two_processes_compute_the_single_process_features_and_accuracy(small_folder, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env(tmp_path)
     script = ROOT / "tests" / "knn_dist.py"
+    # the two launches run at the same time: each in a folder of its own (a run locks its output folder)
+    (tmp_path / "two").mkdir(), (tmp_path / "one").mkdir()
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), str(small_folder), str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    one = subprocess.run([sys.executable, str(script), str(small_folder), str(tmp_path)], cwd=ROOT, env=env,
+                            str(script), str(small_folder), str(tmp_path / "two")], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    one = subprocess.run([sys.executable, str(script), str(small_folder), str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     _, err = two.communicate(timeout=300)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, err
-    w1, w2 = torch.load(tmp_path / "knn-w1.pt"), torch.load(tmp_path / "knn-w2.pt")
+    w1, w2 = torch.load(tmp_path / "one" / "knn-w1.pt"), torch.load(tmp_path / "two" / "knn-w2.pt")
     # 50 training images in batches of 7: rank 0 extracted batches 0, 2, 4, 6 and rank 1 the others
     assert w1["batches_here"]["train"] == list(range(8)) and w2["batches_here"]["train"] == [0, 2, 4, 6]
     for split in ("train", "val"):
@@ -222,9 +218,31 @@ def test_monitor_defaults_and_errors(small_folder, tmp_path):
 # W&B
 
 
-def wandb_records(run_file: Path):
-    """The history items of an offline W&B run file (its LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def _installed(dist: str) -> bool:
+    try:
+        return bool(importlib.metadata.version(dist))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+# wandb is optional at run time; its tests run where it is installed (pytest.importorskip would not
+# see it: util/__init__.py blocks the import until util.import_wandb)
+WITH_WANDB = pytest.mark.skipif(not _installed("wandb"), reason="wandb is not installed (pip install wandb)")
+
+
+def wandb_records(run_file: Path, tmp: Path):
+    """The history items of an offline W&B run file (its LevelDB-style log of protobuf records). wandb
+    makes folders in the temp directory at import: ``tmp``'s (this pytest process may end without the
+    clean exit that removes them)."""
+    import tempfile
+
+    tmp.mkdir(exist_ok=True)
+    saved, tempfile.tempdir = tempfile.tempdir, str(tmp)
+    try:
+        import_wandb()  # util/__init__.py blocks `import wandb` until asked
+        from wandb.proto import wandb_internal_pb2 as pb
+    finally:
+        tempfile.tempdir = saved
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
@@ -249,16 +267,18 @@ def wandb_records(run_file: Path):
     return items
 
 
+@WITH_WANDB
+@pytest.mark.slow  # two runs with W&B (a minute); siblings: the two tests below
 def test_wandb_offline_receives_the_scalars_and_a_resumed_run_keeps_its_id(small_folder, tmp_path):
-    pytest.importorskip("wandb")
     out = tmp_path / "run"
     args = ["main_pretrain.py", *TINY[:-1], "--data_path", small_folder, "--batch_size", "16", "--log_every", "5",
             "--knn_every", "1", "--recon_every", "0", "--wandb", "--wandb_project", "test", "--output_dir", out]
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     run_script(*args, "--epochs", "1", env=env)
     run_id = (out / "wandb-run-id").read_text().strip()
     (run_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    history = wandb_records(run_file)
+    history = wandb_records(run_file, tmp_path / "tmp")
     merged = {k: v for h in history for k, v in h.items()}
     assert {"train/loss", "train/lr", "knn/L12_cls", "perf/images_per_s"} <= merged.keys()
     assert merged["knn/L12_cls"] == pytest.approx(read_log(out)[0]["knn_L12_cls"])
@@ -267,16 +287,39 @@ def test_wandb_offline_receives_the_scalars_and_a_resumed_run_keeps_its_id(small
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
 
 
-def test_wandb_missing_gives_one_error_line(small_folder, tmp_path):
+def test_wandb_missing_gives_one_error_line(small_folder, tmp_path, monkeypatch, capsys):
+    from util.misc import run_cli
+
     blocker = tmp_path / "no_wandb" / "wandb"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
-    proc = run_script("main_pretrain.py", *TINY, "--data_path", small_folder, "--epochs", "1", "--wandb",
-                      "--output_dir", tmp_path / "run", check=False,
-                      env={"PYTHONPATH": str(blocker.parent), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: --wandb needs the wandb package: pip install wandb "
-                                                   "(or run without --wandb).")
+    monkeypatch.syspath_prepend(str(blocker.parent))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main_pretrain.main, main_pretrain.get_args_parser().parse_args(
+            [*TINY, "--data_path", str(small_folder), "--epochs", "1", "--wandb", "--output_dir", str(tmp_path / "run")]))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --wandb needs the wandb package: pip install wandb (or run without --wandb).")
+
+
+@WITH_WANDB
+def test_no_script_imports_wandb_unless_asked(tmp_path):
+    """timm imports wandb whenever it is installed, and wandb leaves two folders in the system temp
+    directory at import that only a clean exit removes: every script, run without --wandb, must not
+    import it (util/__init__.py blocks it), so that a killed run leaves nothing behind."""
+    scripts = ["main_pretrain", "main_finetune", "main_linprobe", "engine_monitor", "Segmentation.train",
+               "Segmentation.inference", "Segmentation.demo", "tools.demo", "tools.linear_eval", "tools.probe_layers",
+               "tools.attention_analysis", "tools.visualize", "tools.convert_checkpoint", "tools.make_shards",
+               "tools.benchmark", "tools.benchmark_data", "tools.run_experiments"]
+    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1]; "
+            + "; ".join(f"import {m}" for m in scripts)
+            + "; print(sys.modules.get('wandb') is None, 'timm' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
+    assert list(tmp_path.iterdir()) == []  # and nothing in the temp directory it was given
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +340,9 @@ def test_pca_colours_map_equal_features_to_equal_colours():
     assert abs(torch.corrcoef(torch.stack([ref.reshape(-1, 3)[:, 0], x @ top]))[0, 1]) > 0.999
 
 
-def test_visualize_draws_hog_and_teacher_checkpoints(small_folder, tmp_path):
+def test_visualize_draws_hog_and_teacher_checkpoints(small_folder, tmp_path, capsys):
+    from util.misc import run_cli
+
     from tools import visualize
 
     base = [*TINY, "--data_path", small_folder, "--batch_size", "16", "--epochs", "1", "--log_every", "100",
@@ -308,11 +353,11 @@ def test_visualize_draws_hog_and_teacher_checkpoints(small_folder, tmp_path):
     pretrain(*base, "--target", "teacher", "--teacher_model", f"deepmim:{teacher}", "--teacher_layer", "6",
              "--output_dir", tmp_path / "teacher")
 
-    # a HOG checkpoint, from the command line
-    proc = run_script("tools/visualize.py", tmp_path / "hog" / "checkpoint-0.pth", "--data_path", small_folder,
-                      "--num_images", "2", "--out", tmp_path / "hog.png", "--device", "cpu",
-                      env={"OMP_NUM_THREADS": "1"})
-    assert "targets hog" in proc.stdout
+    # a HOG checkpoint, through the command line's entry point
+    run_cli(visualize.main, visualize.get_args_parser().parse_args([
+        str(tmp_path / "hog" / "checkpoint-0.pth"), "--data_path", str(small_folder), "--num_images", "2",
+        "--out", str(tmp_path / "hog.png"), "--device", "cpu"]))
+    assert "targets hog" in capsys.readouterr().out
     from PIL import Image
 
     with Image.open(tmp_path / "hog.png") as im:  # image, masked, HOG target; PCA + cosine per layer (4)

@@ -1,8 +1,8 @@
 import math
 
-import torch
-
 from util.pos_embed import resize_pos_embed, sincos_2d
+
+import torch
 
 
 def test_sincos_layout_matches_mae_by_hand():

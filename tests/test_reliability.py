@@ -20,15 +20,6 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from conftest import ROOT
-from PIL import Image
-from test_distributed import PRETRAIN, clean_env, first_sample_of, popen, replace_by_pipe
-
-import main_pretrain
-import models_deepmim
 from util import checkpoint as ckpt_util
 from util import lock as lock_util
 from util.config import RunConfig
@@ -37,7 +28,15 @@ from util.errors import UserError
 from util.misc import run_cli, temp_path, write_atomic
 from util.runner import start_run
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, clean_env
+from PIL import Image
+from test_distributed import PRETRAIN, first_sample_of, popen, replace_by_pipe
+
+import main_pretrain
+import models_deepmim
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
         "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "100",

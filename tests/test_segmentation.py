@@ -6,23 +6,23 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-import torch
-from conftest import ROOT
-
-import models_deepmim
-from Segmentation import convert_mmseg, data, inference, metrics, models, train
-from Segmentation.make_synthetic import build as build_synthetic
 from util import convert
 from util.errors import UserError
 from util.lr_sched import poly_lr_at
 from util.optim import layer_decay_groups
 from util.pos_embed import resize_pos_embed
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, clean_env, free_port
+
+import models_deepmim
+from Segmentation import convert_mmseg, data, inference, metrics, models, train
+from Segmentation.make_synthetic import build as build_synthetic
 
 # ViT-Ti/4 cut to its first 4 blocks (the backbone drops blocks after the last out index), narrow heads
 TINY = models.SegConfig(model="vit_tiny_patch4", img_size=32, num_classes=5, out_indices=(1, 2, 3, 4), channels=16,
@@ -31,17 +31,6 @@ TINY_FLAGS = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--chann
               "--crop_size", "32", "--img_scale", "128", "32", "--stride", "21", "--device", "cpu", "--amp", "none",
               "--num_workers", "0", "--batch_size", "4", "--drop_path", "0", "--lr", "1e-3", "--layer_decay", "1.0",
               "--warmup_iters", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one torch thread; two OpenMP threads that wait for each other on a busy
-    machine made this file several times slower. Module scope: the training fixture (whose result
-    the resume test reproduces to 1e-6) runs with the same thread count as the tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def segment(*args):
@@ -232,12 +221,11 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_miou(trained, tmp_path):
     assert whole["images"] == 6 and 0 <= whole["mIoU"] <= 100
 
 
+@pytest.mark.slow  # three processes; sibling: test_distributed's 2-process --dist_eval (the same sampler)
 def test_distributed_evaluation_counts_each_image_once(trained, tmp_path):
     out, stats, common = trained
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port, so that concurrent runs do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    env = clean_env(tmp_path)
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          str(ROOT / "Segmentation" / "train.py"), *map(str, common), "--eval", "--resume", str(out / "checkpoint-12.pth"),
@@ -410,7 +398,6 @@ def test_a_non_finite_loss_stops_before_any_checkpoint(synthetic, tmp_path):
 
 def test_sigterm_writes_checkpoint_last_and_the_rerun_continues(synthetic, tmp_path):
     """Preemption in iteration-based training: the same runner mechanism as the epoch-based scripts."""
-    import os
     import signal
     import threading
     import time

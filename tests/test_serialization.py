@@ -6,13 +6,13 @@ import warnings
 import zipfile
 from typing import Tuple
 
+from util import serialization
+from util.errors import UserError
+
 import pytest
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-
-from util import serialization
-from util.errors import UserError
 
 
 def load_jit_state_dict(path) -> dict:

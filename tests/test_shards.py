@@ -4,16 +4,9 @@ once, a resumed stream is the tail of the uninterrupted one, evaluation reads ea
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-from conftest import ROOT, run_script
-from torchvision.transforms import functional as F
 
 from util.data import build_eval_data, build_train_data, data_classes
 from util.datasets import FolderData, _load_image, eval_transform, image_folder, pretrain_transform, train_loader
@@ -32,7 +25,11 @@ from util.shards import (
     write_shards,
 )
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, free_port, run_script
+from torchvision.transforms import functional as F
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +176,6 @@ def test_order_does_not_depend_on_workers_0_or_1(small_shards):
         return [b[2].tolist() for b in take(ShardData(open_shards(str(small_shards)), pretrain_transform(16), 4, 0, 1, 0,
                                                         workers, False, shuffle_buffer=16, return_ids=True), 0, 20)]
     assert run(0) == run(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_see_every_sample_once(small_shards, tmp_path):

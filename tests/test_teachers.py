@@ -2,6 +2,9 @@
 and per-layer targets (--ds_targets) in real training runs."""
 import json
 
+from util.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.errors import UserError
+
 import pytest
 import timm
 import torch
@@ -11,8 +14,6 @@ import models_deepmim
 from targets.base import TargetConfig
 from targets.clip import CLIP_MEAN, CLIP_STD, CLIPTeacher
 from targets.registry import build_targets
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError
 
 
 def flags(**kw):

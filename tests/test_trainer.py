@@ -1,25 +1,24 @@
 """The one trainer (util/trainer.py): every job runs through it, stops on a signal and resumes as if
 never stopped, puts back the signal handlers, and commits an epoch so that a kill -9 at any moment
 loses no log line or checkpoint and duplicates none."""
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 
+from util.datasets import FolderData
+from util.errors import Preempted, UserError
+
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, read_log, run_finetune, weights
 
 import main_finetune
 import main_linprobe
 import main_pretrain
-import models_deepmim
 from Segmentation import data as seg_data
 from Segmentation import train as seg_train
-from util.datasets import FolderData
-from util.errors import Preempted, UserError
 
 TINY_PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
                  "--batch_size", "16", "--num_workers", "0", "--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-3",
@@ -37,32 +36,6 @@ TINY_SEG = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device"
             "--save_last_every", "100", "--stop_check_every", "1", "--data_path", "synthetic"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread, like the processes started
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random pre-training checkpoint of the tiny model (what linear probing starts from)."""
-    path = tmp_path_factory.mktemp("tiny") / "checkpoint-0.pth"
-    torch.manual_seed(0)
-    cfg = models_deepmim.model_config("deepmim_vit_tiny_patch4", img_size=16, decoder_depth=1)
-    torch.save({"model": models_deepmim.DeepMIM(cfg).state_dict(), "epoch": 0, "args": {},
-                "model_cfg": cfg.to_dict()}, path)
-    return path
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
 
 
 def signal_before_batch(monkeypatch, data_cls, index: int):
@@ -145,20 +118,15 @@ def test_main_puts_back_the_signal_handlers_however_it_ends(small_folder, tmp_pa
 @pytest.fixture(scope="module")
 def finetune_reference(small_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed process (OMP_NUM_THREADS=1): a sum's rounding follows the threads
-    try:
-        main_finetune.main(main_finetune.get_args_parser().parse_args(
-            [*TINY_FINETUNE, "--epochs", "3", "--data_path", str(small_folder), "--output_dir", str(out)]))
-    finally:
-        torch.set_num_threads(before)
+    # one thread, as the killed process (conftest): a float sum's rounding follows the thread count
+    run_finetune(*TINY_FINETUNE, "--epochs", "3", "--data_path", small_folder, "--output_dir", out)
     return out
 
 
-@pytest.mark.parametrize("kill_after", ["checkpoint-last.pth:2", "checkpoint-1.pth:1", "checkpoint-best.pth:1",
-                                        "log.txt:2"])
+@pytest.mark.parametrize("kill_after", ["checkpoint-last.pth:2", *(  # one kill point fast, the series in test-all
+    pytest.param(k, marks=pytest.mark.slow) for k in ("checkpoint-1.pth:1", "checkpoint-best.pth:1", "log.txt:2"))])
 def test_a_kill_during_the_epoch_commit_loses_and_duplicates_nothing(kill_after, finetune_reference, small_folder,
-                                                                      tmp_path, one_torch_thread):
+                                                                      tmp_path):
     argv = [*TINY_FINETUNE, "--epochs", "3", "--data_path", str(small_folder), "--output_dir", str(tmp_path)]
     env = {**os.environ, "DEEPMIM_KILL_AFTER": kill_after, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "main_finetune.py"), *argv], cwd=ROOT, env=env,

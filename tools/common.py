@@ -6,13 +6,14 @@ import contextlib
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
-import torch
-
-from models_deepmim import DeepMIMConfig, default_ds_layers
 from util import convert
 from util.cli import positive_int
 from util.dist import resolve_device
 from util.errors import UserError
+
+import torch
+
+from models_deepmim import DeepMIMConfig, default_ds_layers
 
 # seconds between two progress lines where stderr is not a terminal (a log file, a pipe, a batch job)
 PROGRESS_EVERY = 30.0

@@ -33,13 +33,14 @@ from typing import Any, Dict, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.common import release_to_ours  # noqa: E402
 from util import convert, serialization  # noqa: E402
 from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 from util.cli import Parser, increasing, positive_int, str2list  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 from util.registry import vit_heads  # noqa: E402
+
+from tools.common import release_to_ours  # noqa: E402
 
 TIMM_NAMES = {(192, 12, 16): "vit_tiny_patch16", (384, 12, 16): "vit_small_patch16", (768, 12, 16): "vit_base_patch16",
               (1024, 24, 16): "vit_large_patch16", (1280, 32, 14): "vit_huge_patch14"}

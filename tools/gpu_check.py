@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the torch build must match the machine's CUDA driver: it is never installed from here
 NEVER_INSTALL = {"torch", "torchvision"}
-# what the GPU machine's image lacks (KINDS.md, "Python packages already there"): open_clip and its
-# two small dependencies; timm travels too, installed only where the image's is older than requirements.txt
+# what a GPU node's image with its own torch typically lacks: open_clip and its two small dependencies;
+# timm travels too, installed only where the node's is older than requirements.txt
 DEVICE_WHEELS = ("open_clip_torch", "ftfy", "wcwidth", "timm")
-# manylinux tags pip matches one by one (the device machine's README: pip download for another machine)
+# manylinux tags pip matches one by one (pip download for another machine's platform)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 
@@ -270,7 +270,7 @@ def summarize(out: Path, work: Path, dry_run: bool) -> Dict[str, Any]:
 
 
 def print_summary(summary: Dict[str, Any]) -> None:
-    """A short table, printed last (the device tool's reply carries the end of the output)."""
+    """A short table, printed last (where only the end of the output is kept, it is what is read)."""
     fmt = lambda v, spec, unit="": "-" if v is None else format(v, spec) + unit  # noqa: E731
     for name, p in summary["parts"].items():
         state = "skipped (no time left)" if p["skipped"] else ("TIMED OUT" if p["timed_out"] else f"rc {p['rc']}")

@@ -8,10 +8,10 @@
 #      fine-tuning ViT-B, and bf16 + compile (last: the deadline may cut it);
 #   4. writes six small files into OUT_DIR: env.txt, tests.log, junit.xml, bench.log, bench.json, summary.json.
 #
-# The device command, one line, from the repo root (the device tool's run, carry [".whl"], timeout_s 540):
-#   bash tools/gpu_check.sh "$OUT"
-# (no wheel-install prefix: step 1 installs from .whl/ itself, only what the machine lacks). Before it,
-# once, here: `make gpu-wheels` (writes .whl/). On CPU, every line with tiny settings:
+# On the GPU node, from the repo root:
+#   bash tools/gpu_check.sh OUT_DIR
+# (step 1 installs from .whl/ itself, only what the node lacks). For an air-gapped node, once, on a
+# machine with PyPI: `make gpu-wheels` (writes .whl/). On CPU, every line with tiny settings:
 #   bash tools/gpu_check.sh --dry-run output_dir/gpu_check_dry      (or: make gpu-check DRY_RUN=1)
 # GPU_CHECK_PARTS="tests" or "bench" reruns one part (setup always runs); PYTHON picks the interpreter.
 set -uo pipefail

@@ -60,14 +60,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from timm.optim import Lars  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DistributedSampler  # noqa: E402
-
-import models_vit  # noqa: E402
-from tools.common import progress, progress_logging  # noqa: E402
 from util import convert  # noqa: E402
 from util import dist as dist_util  # noqa: E402
 from util.cli import (  # noqa: E402
@@ -92,6 +84,15 @@ from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, 
 from util.runner import Run, start_run  # noqa: E402
 from util.shards import ShardEvalData, is_shard_spec, open_shards  # noqa: E402
 from util.trainer import Commit, Job, Trainer, epoch_trainer_config  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.optim import Lars  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DistributedSampler  # noqa: E402
+
+import models_vit  # noqa: E402
+from tools.common import progress, progress_logging  # noqa: E402
 
 _log = logging.getLogger("linear_eval")
 

@@ -21,10 +21,11 @@ from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.common import progress  # noqa: E402
 from util.datasets import resolve_data_path  # noqa: E402
 from util.misc import run_cli  # noqa: E402
 from util.shards import SPLITS, index_shards, write_shards  # noqa: E402
+
+from tools.common import progress  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

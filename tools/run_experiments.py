@@ -39,12 +39,13 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
-from tools.demo import FINETUNE, PRETRAIN  # noqa: E402
 from util.cli import Parser, positive_int, seed_int  # noqa: E402
 from util.datasets import resolve_data_path  # noqa: E402
 from util.misc import check_writable, fmt_seconds, run_cli, save_json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tools.demo import FINETUNE, PRETRAIN  # noqa: E402
 
 CONFIGS = {"mae": "12", "deepmim": "6,8,10,12"}
 SHOTS = 10  # the low-shot probe: 10 training images per class
@@ -114,10 +115,11 @@ def pretrain_and_finetune(work: Path, config: str, seed: int, epochs: int, ft_ep
 
 def initial_encoders(work: Path, seeds: Sequence[int]) -> List[Path]:
     """The untrained encoder of every seed (what pre-training starts from), saved as checkpoints."""
+    from util.misc import seed_everything
+
     import torch
 
     import models_deepmim
-    from util.misc import seed_everything
 
     paths = []
     for seed in seeds:

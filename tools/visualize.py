@@ -35,17 +35,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models_deepmim  # noqa: E402
-from engine_monitor import draw, pick_images, reconstruct  # noqa: E402
-from targets.base import Target, TargetConfig  # noqa: E402
-from targets.registry import build_targets  # noqa: E402
-from tools.common import release_to_ours  # noqa: E402
 from util import convert  # noqa: E402
 from util.checkpoint import read_checkpoint  # noqa: E402
 from util.cli import Parser, mask_fraction, positive_int, seed_int  # noqa: E402
 from util.dist import resolve_device  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.misc import run_cli  # noqa: E402
+
+import models_deepmim  # noqa: E402
+from engine_monitor import draw, pick_images, reconstruct  # noqa: E402
+from targets.base import Target, TargetConfig  # noqa: E402
+from targets.registry import build_targets  # noqa: E402
+from tools.common import release_to_ours  # noqa: E402
 
 PATH_FLAGS = ("clip_path", "clip_model", "teacher_model", "teacher_weights")  # given here, they replace the saved ones
 

@@ -44,12 +44,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-from torch import nn
-
 from util import hub, serialization
 from util.errors import UserError
 from util.misc import parse_temp, pid_running, write_atomic
+
+import torch
+from torch import nn
 
 _log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
-
 from util.checkpoint import read_checkpoint
 from util.errors import UserError
 from util.pos_embed import resize_pos_embed
 from util.registry import vit_heads
+
+import torch
+from torch import nn
 
 _log = logging.getLogger(__name__)
 

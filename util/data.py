@@ -10,8 +10,6 @@
 """
 from typing import Iterable, Iterator, List, Optional, Protocol, Tuple
 
-import torch
-
 from util.datasets import (
     FolderData,
     check_classes,
@@ -24,6 +22,8 @@ from util.datasets import (
 from util.decode import collate as decode_collate
 from util.decode import nvjpeg_finisher
 from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, open_shards
+
+import torch
 
 
 class TrainData(Protocol):

@@ -23,17 +23,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision import datasets, transforms
-
 from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.decode import DecodeTransform, read_encoded, rgb8
 from util.errors import UserError
 from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
 
 _log = logging.getLogger(__name__)
 

@@ -42,14 +42,14 @@ import io
 from collections import Counter
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
+from util.errors import UserError
+
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
-
-from util.errors import UserError
 
 try:  # libjpeg-turbo without PIL's overhead; PIL's draft gives the same pixels when it is missing
     import simplejpeg

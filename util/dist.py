@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from util.errors import UserError
+
 import torch
 import torch.distributed as dist
-
-from util.errors import UserError
 
 _log = logging.getLogger(__name__)
 DEFAULT_PORT = 29500

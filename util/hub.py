@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
-import torch
-
 from util.errors import UserError
+
+import torch
 
 _log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ Pure tensor code: no model, no data loading; the distributed part is one sum ove
 """
 from typing import Dict, List, Sequence
 
+from util import dist as dist_util
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from util import dist as dist_util
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
-
+from util import import_wandb
 from util.errors import Preempted, UserError, say
 from util.preempt import EXIT_PREEMPTED
+
+import numpy as np
+import torch
 
 _log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class WandB:
 
     def __init__(self, project: str, name: Optional[str], config: Dict[str, Any], out_dir: Path) -> None:
         try:
-            import wandb
+            wandb = import_wandb()
         except ImportError:
             raise UserError("--wandb needs the wandb package: pip install wandb (or run without --wandb).") from None
         self.wandb = wandb

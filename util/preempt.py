@@ -38,10 +38,10 @@ import threading
 from pathlib import Path
 from typing import Dict, Optional
 
+from util import dist as dist_util
+
 import torch
 import torch.distributed as dist
-
-from util import dist as dist_util
 
 _log = logging.getLogger(__name__)
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import torch
-
 from util import checkpoint as ckpt_util
 from util import dist as dist_util
 from util import lock as lock_util
@@ -27,6 +25,8 @@ from util.config import RunConfig
 from util.errors import Preempted, UserError
 from util.misc import TensorBoard, check_writable, resolve_amp, save_json, seed_everything, setup_logging, to_plain
 from util.preempt import StopSignal, all_ranks, write_preempted_marker
+
+import torch
 
 _log = logging.getLogger(__name__)
 

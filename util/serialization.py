@@ -31,10 +31,10 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple
 
-import torch
-
 from util.errors import UserError
 from util.misc import write_atomic
+
+import torch
 
 
 class UnreadableFile(UserError):

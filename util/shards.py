@@ -56,15 +56,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
 from util.datasets import build_digits, building, cache_root, finish_images, image_folder
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
 from util.misc import derive_seed, seed_host
 from util.preempt import worker_init
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 _log = logging.getLogger(__name__)
 

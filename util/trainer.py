@@ -42,9 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
-
 from util import checkpoint as ckpt_util
 from util import convert
 from util import dist as dist_util
@@ -54,6 +51,9 @@ from util.errors import UserError
 from util.lr_sched import set_lr
 from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, peak_memory, seed_everything
 from util.runner import Run
+
+import torch
+from torch import nn
 
 _log = logging.getLogger(__name__)
 
