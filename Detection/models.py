@@ -149,7 +149,8 @@ class PlainViT(nn.Module):
                                       embed_dim=cfg.embed_dim, output_fmt="NHWC", strict_img_size=False)
         pretrain_grid = cfg.pretrain_img_size // cfg.patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid ** 2, cfg.embed_dim))  # + the cls row
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
+        # stochastic depth grows linearly with depth (torch.linspace's values, without a tensor: builds on 'meta')
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         globals_ = set(cfg.global_indices)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=rates[i],
@@ -379,8 +380,10 @@ def _entry(size: str, patch_size: int, **defaults: Any):
 MODELS.register(_entry("base", 16, drop_path=0.1), "vitdet_mask_rcnn_vit_base_patch16")
 MODELS.register(_entry("large", 16, drop_path=0.4), "vitdet_mask_rcnn_vit_large_patch16")
 # a small detector for the CPU demo and the tests: ViT-Ti/4 (the demo's pre-training model) cut to 4
-# blocks at 64 px, window 4, narrow heads; anchors 8 x the stride as in ViT-B (32 at stride 4)
-MODELS.register(_entry("tiny", 4, depth=4, img_size=64, pretrain_img_size=32, window_size=4, drop_path=0.0,
+# blocks at 64 px, window 4 with global blocks 2 and 4, narrow heads; anchors 8 x the stride as in
+# ViT-B (32 at stride 4)
+MODELS.register(_entry("tiny", 4, depth=4, img_size=64, pretrain_img_size=32, window_size=4, global_blocks=(2, 4),
+                       drop_path=0.0,
                        channels=32, box_fc=128, anchor_sizes=(8, 16, 32, 64, 128),
                        rpn_batch_size_per_image=64, box_batch_size_per_image=64, rpn_pre_nms_top_n=(500, 250),
                        rpn_post_nms_top_n=(200, 100)), "vitdet_mask_rcnn_vit_tiny_patch4")
