@@ -11,6 +11,8 @@
     # encoder only ({'model': ...}), or with the 'backbone.' prefix mmseg-based code expects
     python tools/convert_checkpoint.py output_dir/checkpoint-1599.pth encoder.pth --to encoder
     python tools/convert_checkpoint.py output_dir/checkpoint-1599.pth backbone.pth --to backbone
+    # detectron2's ViTDet layout (backbone.net.*): train.init_checkpoint of projects/ViTDet's configs
+    python tools/convert_checkpoint.py output_dir/checkpoint-1599.pth vitdet_init.pth --to detectron2
     # a published name or URL as the input (downloaded once, checksum checked)
     python tools/convert_checkpoint.py mae_pretrain_vit_base vit_b_mae.safetensors --to timm
 
@@ -51,9 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("tools/convert_checkpoint.py", "Convert DeepMIM / MAE / timm checkpoints")
     p.add_argument("src", help="input checkpoint: a file, a published name (e.g. mae_pretrain_vit_base) or a URL")
     p.add_argument("dst", help="output file")
-    p.add_argument("--to", required=True, choices=["ours", "reference", "timm", "encoder", "backbone"],
+    p.add_argument("--to", required=True, choices=["ours", "reference", "timm", "encoder", "backbone", "detectron2"],
                    help="output layout: this repo's, the reference DeepMIM release's, a timm ViT state dict, the "
-                        "encoder alone, or the encoder with mmseg's 'backbone.' prefix")
+                        "encoder alone, the encoder with mmseg's 'backbone.' prefix, or detectron2's ViTDet backbone")
     p.add_argument("--format", choices=["torch", "safetensors"], default=None,
                    help="output format (default: safetensors when dst ends in .safetensors, else torch)")
     p.add_argument("--ds_layers", type=str2list(positive_int, increasing), default=None, metavar="LAYERS",
@@ -111,6 +113,8 @@ def main(args: argparse.Namespace) -> None:
     model_cfg = raw.get("model_cfg") if isinstance(raw, dict) and isinstance(raw.get("model_cfg"), dict) else {}
     heads = args.num_heads or model_cfg.get("num_heads")
     fmt = args.format or ("safetensors" if str(args.dst).endswith(".safetensors") else "torch")
+    if args.to == "detectron2" and fmt == "safetensors":
+        raise UserError("detectron2 reads .pth / .pkl checkpoints: give dst a .pth name for --to detectron2.")
     if args.to == "ours":
         kind, out_sd, cfg = release_to_ours(sd, args.src, args.ds_layers, args.num_heads, args.decoder_num_heads)
         out = {"model": out_sd, "epoch": int(meta.get("epoch", -1)), "args": meta.get("args", {}) if isinstance(
@@ -120,6 +124,15 @@ def main(args: argparse.Namespace) -> None:
         convert.require_layout(sd, ("ours",), args.src)
         out = {"model": convert.ours_to_reference(sd), "epoch": int(meta.get("epoch", -1)), "args": meta.get("args", {})}
         what = "ours -> reference DeepMIM names"
+    elif args.to == "detectron2":
+        out_sd = convert.to_detectron2_vitdet(sd, args.src)
+        out = {"model": out_sd, "__author__": "DeepMIM"}
+        what = "detectron2 ViTDet backbone (backbone.net.*)"
+        if "pos_embed" in sd:  # an encoder (a detector's keys are net.*): say how to configure ViTDet for it
+            enc = convert.infer_encoder_config(sd)
+            what += (f"; in the ViTDet config set embed_dim={enc['embed_dim']}, depth={enc['depth']}, "
+                     f"patch_size={enc['patch_size']}, pretrain_img_size={enc['img_size']} (relative position "
+                     f"tables start at zero)")
     else:
         convert.require_layout(sd, ("ours", "reference", "mae", "encoder"), args.src)
         encoder = convert.encoder_only(sd, keep_head=args.to == "timm")

@@ -300,3 +300,44 @@ def infer_pretrain_config(sd: Dict[str, torch.Tensor], num_heads: Optional[int] 
         decoder_embed_dim=dec_dim, decoder_depth=dec_depth, decoder_num_heads=decoder_num_heads or 16,
         ds_layers=layers, pred_dims=pred_dims, losses=["mse" if d == pixel_dim else "cosine" for d in pred_dims],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# export to detectron2's ViTDet layout (projects/ViTDet; detectron2/modeling/backbone/vit.py)
+
+D2_VIT_PREFIX = "backbone.net."
+# a block's tensors under detectron2's names, which are MAE's / timm's (ViTDet adds attn.rel_pos_h / _w)
+D2_BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+                 "attn.rel_pos_h", "attn.rel_pos_w", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                 "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+def to_detectron2_vitdet(sd: Dict[str, torch.Tensor], source: str = "the checkpoint") -> Dict[str, torch.Tensor]:
+    """An encoder of any layout above, or a ViTDet detector of this repo (``Detection/``), as the state
+    dict of detectron2's ViTDet (``backbone.net.*``; for a detector also ``backbone.simfp_*``).
+
+    * Encoder: ``patch_embed.proj.*``, ``pos_embed`` (kept whole, cls row included: detectron2's ViT
+      with ``pretrain_use_cls_token=True`` stores it so and resizes it to the input each forward) and
+      the blocks. ``cls_token``, the final ``norm``, ``fc_norm``, ``head`` and the decoders are dropped:
+      detectron2's ViT has none of them. The relative position tables are absent, as from any
+      pre-trained encoder: detectron2 starts them at zero.
+    * Detector (``state_dict_of`` has stripped its ``backbone.`` prefix: ``net.*``, ``simfp_*``): the
+      ViT with its relative position tables and the pyramid (detectron2's module names), not the
+      torchvision heads (their layout differs).
+
+    A block tensor detectron2's ViT has no place for (layer scale, separate q / v biases) stops with
+    its name rather than being dropped silently.
+    """
+    if any(k.startswith("net.") for k in sd):
+        return {f"backbone.{k}": v for k, v in sd.items() if k.startswith(("net.", "simfp_"))}
+    require_layout(sd, ("ours", "reference", "mae", "encoder"), source)
+    enc = encoder_only(sd, keep_head=False)
+    out = {}
+    for k, v in enc.items():
+        if k in ("cls_token", "norm.weight", "norm.bias"):
+            continue
+        if k.startswith("blocks.") and k.split(".", 2)[2] not in D2_BLOCK_KEYS:
+            raise UserError(f"{source} has {k}, which detectron2's ViT has no place for (it has "
+                            f"{', '.join(D2_BLOCK_KEYS)} per block); it cannot be exported to ViTDet.")
+        out[D2_VIT_PREFIX + k] = v
+    return out

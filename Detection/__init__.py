@@ -1,0 +1,1 @@
+"""COCO detection and instance segmentation with ViTDet's plain-backbone Mask R-CNN (torchvision heads)."""

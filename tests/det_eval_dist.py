@@ -1,0 +1,43 @@
+"""COCO evaluation of a tiny random detector (seed 0), in one process or under DDP.
+
+    torchrun --standalone --nproc_per_node 2 tests/det_eval_dist.py DATA OUT   # each rank: every other image
+    python tests/det_eval_dist.py DATA OUT                                     # one process: every image
+
+DATA is a COCO-layout folder; rank 0 writes ``OUT/metrics-w{world}.json`` and the gathered results
+``OUT/results-w{world}.json``.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from Detection import data, evaluation, models  # noqa: E402
+from util import dist as dist_util  # noqa: E402
+from util.datasets import ShardSampler  # noqa: E402
+
+
+def main(root: str, out: Path) -> None:
+    info = dist_util.init_distributed("cpu")
+    torch.manual_seed(0)
+    model = models.create_model("vitdet_mask_rcnn_vit_tiny_patch4", num_classes=3, score_thresh=0.0)
+    val = data.CocoDetection(Path(root), "val")
+    # one image per batch: the same arithmetic for an image whichever process predicts it
+    loader = DataLoader(val, batch_size=1, sampler=ShardSampler(len(val), info.rank, info.world_size),
+                        collate_fn=data.collate)
+    world = info.world_size
+    metrics = evaluation.evaluate(model, loader, val.coco, val.cat_ids, info.device,
+                                  results_path=out / f"results-w{world}.json")
+    if info.rank == 0:
+        (out / f"metrics-w{world}.json").write_text(json.dumps(metrics))
+    else:
+        assert metrics == {}
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
