@@ -35,15 +35,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from util.datasets import cache_root
+from util.errors import UserError
+
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
-
-from util.datasets import cache_root
-from util.errors import UserError
 
 _log = logging.getLogger(__name__)
 

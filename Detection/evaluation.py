@@ -22,15 +22,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from util import dist as dist_util
+from util.misc import write_atomic
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from util import dist as dist_util
-from util.misc import write_atomic
 
 _log = logging.getLogger(__name__)
 

@@ -33,6 +33,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from util.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.convert import load_encoder
+from util.errors import UserError
+from util.pos_embed import resize_pos_embed
+from util.registry import VIT_ARCHS, Registry
+
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, PatchEmbed, trunc_normal_
@@ -45,12 +51,6 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
-
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.convert import load_encoder
-from util.errors import UserError
-from util.pos_embed import resize_pos_embed
-from util.registry import VIT_ARCHS, Registry
 
 _log = logging.getLogger(__name__)
 

@@ -2,15 +2,19 @@
 training transform, COCOeval, pre-trained weights and the export to detectron2's ViTDet layout."""
 import json
 import math
-import os
 import subprocess
 import sys
+
+from util import convert
+from util.errors import UserError
+from util.optim import layer_decay_groups
+from util.pos_embed import resize_pos_embed
 
 import det_eval_dist
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, clean_env
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -19,10 +23,6 @@ from Detection import data, evaluation, models
 from Detection.make_synthetic import CATEGORIES
 from Detection.make_synthetic import build as build_synthetic
 from tools import convert_checkpoint
-from util import convert
-from util.errors import UserError
-from util.optim import layer_decay_groups
-from util.pos_embed import resize_pos_embed
 
 TINY = "vitdet_mask_rcnn_vit_tiny_patch4"  # ViT-Ti/4, 4 blocks, 64 px, window 4, global blocks 2 and 4
 # pycocotools' C decoder under numpy 2 (its own code, harmless)
@@ -423,11 +423,10 @@ def test_convert_checkpoint_to_detectron2_cli(tmp_path):
     assert torch.equal(out["backbone.net.pos_embed"], sd["pos_embed"])
 
 
+@pytest.mark.slow  # three processes; sibling: test_distributed's 2-process --dist_eval (the same gather)
 def test_two_processes_evaluate_like_one(synthetic, tmp_path):
     """2 gloo processes, each predicting every other image, gathered on rank 0 = this process alone."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env(tmp_path)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(ROOT / "tests" / "det_eval_dist.py"), str(synthetic), str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
