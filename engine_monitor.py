@@ -31,7 +31,7 @@ from util import knn
 from util.cli import increasing, nonneg_int, positive_float, positive_int, str2list
 from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.datasets import eval_transform, image_folder, resolve_data_path
+from util.datasets import eval_transform, holds_images, image_folder, resolve_data_path
 from util.errors import UserError
 from util.misc import autocast
 from util.preempt import worker_init
@@ -136,17 +136,24 @@ class MonitorConfig(FlagConfig):
                     raise UserError(f"The k-NN monitor and the reconstructions read labelled images from {root}/train "
                                     f"and {root}/val, and {root / split} does not exist: pass --monitor_data_path "
                                     f"FOLDER (ImageFolder layout, train/ and val/), or --knn_every 0 --recon_every 0.")
+                if holds_images(root / split):
+                    raise UserError(f"The k-NN monitor and the reconstructions need labelled images, and {root / split} "
+                                    f"holds images without class sub-folders: pass --monitor_data_path FOLDER "
+                                    f"(ImageFolder layout, train/<class>/<image> and val/<class>/<image>), or "
+                                    f"--knn_every 0 --recon_every 0.")
 
     def resolved(self, data_path: str, num_train_images: int) -> "MonitorConfig":
         """The intervals this run uses. Default (``None``): every :data:`AUTO_EVERY` epochs when the
-        training data is an image folder with ``train/`` and ``val/`` of at most :data:`AUTO_MAX_IMAGES`
+        training data is a labelled image folder with ``train/`` and ``val/`` of at most :data:`AUTO_MAX_IMAGES`
         training images (the built-in digits, CIFAR-sized sets), else off (ImageNet-sized data: ask
         with ``--knn_every N``).
 
         The flags are checked first (:meth:`validate`).
         """
         folder = self.monitor_data_path or data_path
-        with_val = not is_shard_spec(folder) and all((resolve_data_path(folder) / s).is_dir() for s in ("train", "val"))
+        with_val = not is_shard_spec(folder) and all(  # labelled: class sub-folders, not a flat folder
+            (resolve_data_path(folder) / s).is_dir() and not holds_images(resolve_data_path(folder) / s)
+            for s in ("train", "val"))
         auto = AUTO_EVERY if with_val and num_train_images <= AUTO_MAX_IMAGES else 0
         knn_every = auto if self.knn_every is None else self.knn_every
         # a figure costs about what a k-NN evaluation costs (digits: 0.7 against 1.5 s): half as often

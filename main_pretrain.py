@@ -25,7 +25,7 @@ from util.cli import (
     str2list,
 )
 from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
-from util.data import build_train_data, check_data
+from util.data import build_train_data, check_pretrain_data
 from util.datasets import pretrain_transform
 from util.lr_sched import cosine_schedule
 from util.misc import WandB, make_scaler, run_cli
@@ -149,7 +149,7 @@ class PretrainConfig:
         cfg = self.model.model_config()  # cheap: a dataclass, no weights
         models_deepmim.check_mask_ratio(cfg, self.model.mask_ratio, self.model.model)
         layer_target_names(self.targets, len(cfg.ds_layers), cfg.ds_layers)
-        check_data(self.train.data_path, ["train"])
+        check_pretrain_data(self.train.data_path)  # labels optional: pre-training never reads one
         return check_schedule(self.train, self.optim)
 
 
@@ -187,7 +187,7 @@ def pretrain(run: Run, c: PretrainConfig) -> dict:
 
     data = build_train_data(train.data_path, pretrain_transform(cfg.img_size, train.decode), train.batch_size,
                             run.info.rank, run.info.world_size, c.run.seed, train.num_workers,
-                            train.pin_mem and device.type == "cuda", train.shuffle_buffer, device)
+                            train.pin_mem and device.type == "cuda", train.shuffle_buffer, device, labels=False)
 
     model = models_deepmim.DeepMIM(cfg).to(device)
     eff_batch = train.batch_size * train.accum_iter * run.info.world_size

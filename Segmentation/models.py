@@ -26,10 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from util.convert import load_encoder
 from util.errors import UserError
+from util.pos_embed import resize_pos_embed
 
 import torch
 import torch.nn.functional as F
-from timm.layers import gen_relative_position_index, resample_abs_pos_embed, resize_rel_pos_bias_table_simple
+from timm.layers import gen_relative_position_index, resize_rel_pos_bias_table_simple
 from torch import nn
 
 import models_vit
@@ -159,8 +160,7 @@ class ViTBackbone(nn.Module):
         B = x.shape[0]
         x = self.patch_embed(x)  # [B, h, w, D]
         grid = (x.shape[1], x.shape[2])
-        pos = self.pos_embed if grid == self.grid else resample_abs_pos_embed(
-            self.pos_embed, new_size=grid, old_size=self.grid, num_prefix_tokens=1)
+        pos = resize_pos_embed(self.pos_embed, grid, num_prefix_tokens=1, old_grid=self.grid)  # MAE's rule
         x = self.pos_drop(torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(1, 2)], dim=1) + pos)
         feats = []
         for i, blk in enumerate(self.blocks):

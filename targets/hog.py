@@ -1,22 +1,30 @@
 """HOG target (MaskFeat): histograms of oriented gradients, computed on the device in the step.
 
-What one target token holds, for a student patch of ``p`` pixels (MaskFeat's choices, from its code):
+What one target token holds, for a student patch of ``p`` pixels (MaskFeat's choices, from its
+``HOGLayerC`` operator and its label layout):
 
 * per RGB channel, the gradients ``gx``, ``gy`` from 3x3 Sobel filters (``[-1, 0, 1]`` smoothed by
   ``[1, 2, 1]`` across), on the image padded by reflection;
 * each pixel votes with its gradient magnitude, weighted by a Gaussian window over its patch
-  (sigma = p / 2, as MaskFeat's 16-px window with sigma 8), for one of 9 unsigned orientation bins
-  (0-180 degrees; bin ``b`` is centred on ``b * 20`` degrees, so bin 0 holds horizontal gradients,
-  i.e. vertical edges);
+  (MaskFeat's ``get_gkern``: side p, sigma p // 2, summing to 1), for one of 9 **unsigned**
+  orientation bins binned exactly as MaskFeat does (:func:`orientation_bin`): both signs of an
+  orientation in one bin, numbered as MaskFeat numbers them. With the gradient direction
+  ``theta = atan2(gy, gx)`` (y down), bin ``b`` holds ``theta`` in ``(70 - 20 b, 90 - 20 b]`` degrees
+  modulo 180: bin 0 vertical gradients (horizontal edges), bin 4 horizontal gradients (vertical
+  edges), edges on odd multiples of 10 degrees;
 * votes are summed over cells of ``cell`` x ``cell`` pixels (8; smaller when the patch is, see
   :func:`default_cell`), and each cell's 9-bin histogram is L2-normalized per channel;
-* a token concatenates the cells of its patch, row-major, each as (channel, bin):
-  ``dim = (p / cell)^2 * 3 * 9`` (108 for 16-px patches, 27 for the 4-px demo model).
+* a token is MaskFeat's label of its patch: ``(channel, bin, cell row, cell col)`` flattened,
+  ``dim = 3 * 9 * (p / cell)^2`` (108 for 16-px patches, 27 for the 4-px demo model).
 
 The input is the ImageNet-normalized image the student sees: each channel's histograms are
 normalized per cell, so a per-channel affine map of the pixels (normalization) changes nothing.
 Everything is tensor ops on the device (shifted differences and one ``scatter_add``, no loop over
 pixels), in float32 outside autocast.
+
+Against MaskFeat's operator the only differences are float rounding: the gradients are shifted
+differences rather than a convolution (exact zeros on flat regions; no TF32 convolution on GPUs) and
+the votes of a cell are summed in another order.
 """
 import math
 from typing import Optional, Tuple
@@ -35,10 +43,25 @@ def default_cell(patch_size: int, max_cell: int = 8) -> int:
 
 
 def gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    """[size, size] separable Gaussian centred on the window (peak 1)."""
+    """[size, size] separable Gaussian centred on the window, summing to 1 (MaskFeat's ``get_gkern``)."""
     n = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     w = torch.exp(-0.5 * (n / sigma) ** 2)
-    return w[:, None] * w[None, :]
+    win = torch.outer(w, w)
+    return win / win.sum()
+
+
+def orientation_bin(gx: torch.Tensor, gy: torch.Tensor, nbins: int = 9) -> torch.Tensor:
+    """MaskFeat's unsigned orientation bin (long, in [0, nbins)) of gradients ``gx`` (x to the right)
+    and ``gy`` (y down).
+
+    MaskFeat's Sobel kernels yield ``(-gx, -gy)``, and it takes the angle of the x-gradient over the
+    y-gradient, ``atan2(-gx, -gy)``, in [-pi, pi]; scaled to [-nbins, nbins] and floored, modulo
+    nbins: opposite gradients (angle + pi, i.e. + nbins) land in the same bin, and an angle exactly
+    on an edge goes to the bin above it. The same float steps in the same order (divide by pi, then
+    multiply by nbins), so that even the exact edges fall as in MaskFeat.
+    """
+    phase = torch.atan2(-gx, -gy) / math.pi * nbins  # [-nbins, nbins]
+    return torch.floor(phase).long() % nbins
 
 
 def sobel(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +88,9 @@ class HOGTarget(Target):
         cell_size: HOG cell side in pixels; must divide the patch size (default :func:`default_cell`).
         nbins: orientation bins over 0-180 degrees.
         window: weight the votes by a Gaussian over each patch (MaskFeat's ``gaussian_window``).
+
+    Output: [N, L, C * nbins * k * k] with k = patch_size / cell: per token (channel, bin, cell row,
+    cell col), MaskFeat's label layout.
     """
 
     def __init__(self, img_size: int, patch_size: int, cell_size: Optional[int] = None, nbins: int = 9,
@@ -77,7 +103,7 @@ class HOGTarget(Target):
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.dim = (patch_size // cell) ** 2 * 3 * nbins
         self.loss = "mse"
-        win = gaussian_window(patch_size, patch_size / 2) if window else torch.ones(patch_size, patch_size)
+        win = gaussian_window(patch_size, patch_size // 2) if window else torch.ones(patch_size, patch_size)
         self.register_buffer("window", win, persistent=False)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -90,9 +116,9 @@ class HOGTarget(Target):
         p, cell, nb = self.patch_size, self.cell, self.nbins
         gh, gw = h // p, w // p
         gx, gy = sobel(x)  # [N, C, H, W]
-        magnitude = torch.hypot(gx, gy) * self.window.float().repeat(gh, gw)
-        # unsigned orientation in bins centred on multiples of 180/nbins degrees
-        bins = torch.round(torch.atan2(gy, gx) * (nb / math.pi)).long() % nb
+        # the magnitude as MaskFeat takes it (the 2-norm of the stacked gradients, not hypot)
+        magnitude = torch.linalg.vector_norm(torch.stack((gx, gy), dim=-1), dim=-1) * self.window.float().repeat(gh, gw)
+        bins = orientation_bin(gx, gy, nb)
         rows = torch.arange(h, device=x.device) // cell
         cols = torch.arange(w, device=x.device) // cell
         cell_id = rows[:, None] * (w // cell) + cols[None, :]  # [H, W]
@@ -101,8 +127,8 @@ class HOGTarget(Target):
         hist.scatter_add_(1, index, magnitude.reshape(n * c, h * w))
         hist = F.normalize(hist.view(n, c, h // cell, w // cell, nb), dim=-1)  # L2 per (channel, cell)
         k = p // cell  # cells per patch side
-        hist = hist.view(n, c, gh, k, gw, k, nb).permute(0, 2, 4, 3, 5, 1, 6)  # [N, gh, gw, k, k, C, nb]
-        return hist.reshape(n, gh * gw, k * k * c * nb)
+        hist = hist.view(n, c, gh, k, gw, k, nb).permute(0, 2, 4, 1, 6, 3, 5)  # [N, gh, gw, C, nb, k, k]
+        return hist.reshape(n, gh * gw, c * nb * k * k)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, cell={self.cell}, nbins={self.nbins}"

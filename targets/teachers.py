@@ -6,9 +6,9 @@
   ``hf-hub:...``) with ``--teacher_weights FILE``: any file timm's own loader reads (its state
   dicts, ``.safetensors``, or an original release timm converts, e.g. DINOv2's), loaded
   weights-only. Without a file timm downloads the model's pretrained weights (online only). The
-  model is built for the teacher's input size (timm resamples its position embedding) and its input
-  statistics come from its ``pretrained_cfg``. ViT-style models only (``patch_embed``, ``blocks``,
-  ``forward_intermediates``: ViT, DeiT, DINOv2, EVA, ...).
+  model is built for the teacher's input size (its position embedding resized by MAE's rule, as
+  every resize in this repo) and its input statistics come from its ``pretrained_cfg``. ViT-style
+  models only (``patch_embed``, ``blocks``, ``forward_intermediates``: ViT, DeiT, DINOv2, EVA, ...).
 * ``deepmim:PATH`` or a checkpoint path / URL: an encoder this repo reads with ``--finetune`` (its own
   pre-training or fine-tuning checkpoints, the reference DeepMIM and MAE releases, timm ViT state
   dicts). The ViT is rebuilt from the weights (heads from the checkpoint's ``model_cfg``, else the
@@ -25,11 +25,12 @@ decoder predicts the teacher's width directly.
 """
 import difflib
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from util.convert import HEAD_PREFIXES, read_encoder
 from util.errors import UserError
+from util.pos_embed import resize_pos_embed
 
 import torch
 from torch import nn
@@ -109,13 +110,13 @@ def timm_teacher(name: str, weights: Optional[str], layer: Optional[int], loss: 
             f"--teacher_model {name!r} is not a timm model name{' (close: ' + ', '.join(close) + ')' if close else ''}, "
             f"nor deepmim:PATH (a checkpoint of this repo / MAE / the reference DeepMIM) or open_clip."
         )
-    kwargs = dict(num_classes=0, img_size=size)
+    kwargs = dict(num_classes=0)
     if weights:
         if not os.path.isfile(weights):
             raise UserError(f"--teacher_weights {weights!r} not found.")
         kwargs["pretrained_cfg_overlay"] = dict(file=weights)
     try:
-        net = timm.create_model(name, pretrained=True, **kwargs)
+        net = _at_size(lambda **kw: timm.create_model(name, **kwargs, **kw), size)
     except TypeError as e:  # models without an img_size argument are not ViT-style
         raise UserError(f"timm's {name} is not a ViT-style model the teacher target can use ({e}).") from None
     except Exception as e:  # download and strict-load failures come in many types
@@ -131,6 +132,31 @@ def timm_teacher(name: str, weights: Optional[str], layer: Optional[int], loss: 
         ) from None
     mean, std = preprocess_stats(net, IMAGENET_MEAN, IMAGENET_STD)
     return ViTTeacher(net, layer, mean, std, loss, input_size, f"timm model {name}", resizable=True)
+
+
+def _at_size(build: Callable[..., nn.Module], size: int) -> nn.Module:
+    """A pretrained timm model (``build(pretrained=..., img_size=...)``) for ``size`` px.
+
+    Built at the size its weights were made for; a learned absolute position embedding is then
+    resized by this repo's one rule (MAE's ``interpolate_pos_embed``:
+    :func:`util.pos_embed.resize_pos_embed`), not by timm's loader (which uses the antialiased
+    kernel). Models without such a table (rotary embeddings) are built at ``size`` by timm.
+    """
+    net = build(pretrained=True)
+    patch_embed = getattr(net, "patch_embed", None)
+    native = getattr(patch_embed, "img_size", None)
+    if native is None or tuple(native) == (size, size):
+        return net
+    pos = getattr(net, "pos_embed", None)
+    if not isinstance(pos, torch.Tensor):
+        return build(pretrained=True, img_size=size)
+    resized = build(pretrained=False, img_size=size)
+    prefix = 0 if getattr(net, "no_embed_class", False) else int(getattr(net, "num_prefix_tokens", 1))
+    state = net.state_dict()
+    state["pos_embed"] = resize_pos_embed(pos.detach(), resized.patch_embed.grid_size, prefix,
+                                          old_grid=patch_embed.grid_size)
+    resized.load_state_dict(state)
+    return resized
 
 
 def checkpoint_teacher(path: str, layer: Optional[int], loss: str, size: int, input_size: Optional[int]) -> ViTTeacher:

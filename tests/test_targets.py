@@ -66,8 +66,8 @@ def test_patchify_rejects_indivisible_size():
 # HOG (MaskFeat)
 
 def _hog_cells(out, cells_per_patch, channels=3, nbins=9):
-    """[N, L, k*k*C*9] -> [N, L, k*k, C, 9]."""
-    return out.view(out.shape[0], out.shape[1], cells_per_patch, channels, nbins)
+    """[N, L, C*9*k*k] (MaskFeat's label layout) -> [N, L, k*k, C, 9]."""
+    return out.view(out.shape[0], out.shape[1], channels, nbins, cells_per_patch).permute(0, 1, 4, 2, 3)
 
 
 def test_hog_vertical_edge_votes_in_the_horizontal_gradient_bin():
@@ -77,15 +77,16 @@ def test_hog_vertical_edge_votes_in_the_horizontal_gradient_bin():
     assert out.shape == (1, 4, 108)  # 2x2 patches of 16 px; (16/8)^2 cells * 3 channels * 9 bins
     h = _hog_cells(out, 4)
     for patch in (0, 2):  # left column of patches: its right cells (1, 3) hold the edge
-        assert torch.allclose(h[0, patch, [1, 3], :, 0], torch.ones(2, 3))  # all of it in bin 0, L2-normalized
-        assert h[0, patch, :, :, 1:].abs().max() == 0
+        # all of it in MaskFeat's bin 4 (horizontal gradients), L2-normalized
+        assert torch.allclose(h[0, patch, [1, 3], :, 4], torch.ones(2, 3))
+        assert h[0, patch, :, :, [0, 1, 2, 3, 5, 6, 7, 8]].abs().max() == 0
         assert h[0, patch, [0, 2]].abs().max() == 0  # cells left of the edge see a flat image
     assert h[0, [1, 3]].abs().max() == 0  # right column of patches: flat
 
 
 def test_hog_diagonal_edge_goes_to_the_40_degree_bin():
     ys, xs = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
-    imgs = (xs + ys >= 16).float().expand(1, 3, 16, 16)  # gradient along (1, 1): 45 degrees, bin 2 (30-50)
+    imgs = (xs + ys >= 16).float().expand(1, 3, 16, 16)  # gradient along (1, 1): 45 degrees, MaskFeat's bin 2 (30-50]
     h = _hog_cells(HOGTarget(16, 16)(imgs), 4)
     # the top-left and bottom-right cells meet the edge mid-image (the other two also where the
     # edge meets the border, which the reflect padding bends)
@@ -110,7 +111,8 @@ def test_hog_matches_a_per_pixel_computation_and_ignores_per_channel_normalizati
     imgs = torch.rand(1, 3, 8, 8)
     t = HOGTarget(8, 8, cell_size=4)
     out = _hog_cells(t(imgs), 4)
-    # by hand: Sobel on the reflect-padded image, round(angle / 20 deg) mod 9, Gaussian-weighted votes
+    # by hand: Sobel on the reflect-padded image, MaskFeat's bin floor(atan2(-gx, -gy) / 20 deg) mod 9,
+    # Gaussian-weighted votes
     pad = torch.nn.functional.pad(imgs, (1, 1, 1, 1), mode="reflect")[0]
     win = [math.exp(-0.5 * ((i - 3.5) / 4) ** 2) for i in range(8)]
     hist = torch.zeros(2, 2, 3, 9, dtype=torch.float64)
@@ -120,7 +122,7 @@ def test_hog_matches_a_per_pixel_computation_and_ignores_per_channel_normalizati
                 p = pad[c, y:y + 3, x:x + 3].double()
                 gx = (p[:, 2] - p[:, 0]) @ torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
                 gy = (p[2, :] - p[0, :]) @ torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
-                b = round(math.atan2(gy, gx) / math.pi * 9) % 9
+                b = math.floor(math.atan2(-gx, -gy) / math.pi * 9) % 9
                 hist[y // 4, x // 4, c, b] += math.hypot(gx, gy) * win[y] * win[x]
     hist = hist / hist.norm(dim=-1, keepdim=True)
     assert torch.allclose(out[0, 0], hist.reshape(4, 3, 9).float(), atol=1e-5)

@@ -6,6 +6,9 @@
 
     # shards from another tool (webdataset layout: <key>.jpg + <key>.cls): write the index beside them
     python tools/make_shards.py --index "/data/in1k-wds/imagenet1k-train-{0000..1023}.tar"
+    # img2dataset's shards (<key>.jpg + <key>.json / <key>.txt, no labels): indexed as unlabelled,
+    # for pre-training only
+    python tools/make_shards.py --index "/data/laion/part-{00000..00999}.tar"
 
 Each sample keeps the image file's bytes unchanged (no re-encoding) and its class index (``.cls``);
 the class names go to ``<split>.json`` with every shard's sample count. Samples are shuffled across
@@ -71,7 +74,9 @@ class ShardProgress:
 def main(args: argparse.Namespace) -> None:
     if args.index:
         dest, index = index_shards(args.index, args.index_out)
-        print(f"{index['num_samples']} samples in {len(index['shards'])} shards; index written to {dest}")
+        labels = (f"{len(index['classes'])} classes" if index["labelled"]
+                  else "no class labels (.cls): pre-training only")
+        print(f"{index['num_samples']} samples in {len(index['shards'])} shards, {labels}; index written to {dest}")
         return
     if not args.data_path or not args.output:
         raise SystemExit("error: --data_path and --output are required (or --index SPEC)")

@@ -2,7 +2,10 @@
 
 ``--data_path`` is an ImageFolder root (``train/<class>/<image>``, ``val/...``), the built-in
 ``digits``, or tar shards (``util.shards``: a folder of shards, brace notation, ``pipe:`` URLs,
-``digits-shards``). Both kinds give the same two objects:
+``digits-shards``). Pre-training also takes unlabelled data (``labels=False``): a flat folder of
+images (``util.datasets.pretrain_images``) and shards without ``.cls`` members (img2dataset's
+layout); their batches carry ``util.datasets.NO_LABEL``, and nothing on that path reads a label.
+Both kinds give the same two objects:
 
 * a :class:`TrainData` (:class:`util.datasets.FolderData` or :class:`util.shards.ShardData`),
   counted in global steps, which resumes at a step;
@@ -11,17 +14,20 @@
 from typing import Iterable, Iterator, List, Optional, Protocol, Tuple
 
 from util.datasets import (
+    BUILTIN,
     FolderData,
     check_classes,
     check_folders,
     classification_datasets,
     eval_loader,
     image_folder,
+    pretrain_images,
+    pretrain_root,
     resolve_data_path,
 )
 from util.decode import collate as decode_collate
 from util.decode import nvjpeg_finisher
-from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, open_shards
+from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, labelled_shards, open_shards
 
 import torch
 
@@ -41,7 +47,7 @@ class TrainData(Protocol):
 
 def build_train_data(data_path: str, transform, batch_size: int, rank: int, world_size: int, seed: int,
                      num_workers: int, pin_mem: bool, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                     device: Optional[torch.device] = None) -> TrainData:
+                     device: Optional[torch.device] = None, labels: bool = True) -> TrainData:
     """The training source of ``data_path`` (folder or shards, split ``train``).
 
     Args:
@@ -50,12 +56,17 @@ def build_train_data(data_path: str, transform, batch_size: int, rank: int, worl
         batch_size: per process.
         shuffle_buffer: shards only: samples each loader worker holds to shuffle.
         device: the training device; needed by ``decode='nvjpeg'`` (the GPU decodes each batch).
+        labels: whether the job needs labels; False (pre-training) also takes unlabelled data.
     """
     finish = nvjpeg_finisher(transform, device)
     if is_shard_spec(data_path):
-        return ShardData(open_shards(data_path, "train"), transform, batch_size, rank, world_size, seed, num_workers,
-                         pin_mem, shuffle_buffer=shuffle_buffer, finish=finish)
-    dataset = image_folder(resolve_data_path(data_path) / "train", transform, "training")
+        shards = open_shards(data_path, "train") if not labels else labelled_shards(data_path, "train")
+        return ShardData(shards, transform, batch_size, rank, world_size, seed, num_workers,
+                         pin_mem, shuffle_buffer=shuffle_buffer, finish=finish, labels=labels)
+    if labels:
+        dataset = image_folder(resolve_data_path(data_path) / "train", transform, "training")
+    else:
+        dataset = pretrain_images(data_path, transform)
     return FolderData(dataset, batch_size, rank, world_size, seed, num_workers, pin_mem,
                       collate_fn=decode_collate if finish is not None else None, finish=finish)
 
@@ -65,7 +76,7 @@ def build_eval_data(data_path: str, transform, batch_size: int, rank: int, world
     """The evaluation reader of ``data_path``'s ``split``: this rank's disjoint share, no padding
     (``rank=0, world_size=1`` for the whole set). Iterating gives ``(images, labels)`` batches."""
     if is_shard_spec(data_path):
-        return ShardEvalData(open_shards(data_path, split), transform, batch_size, rank, world_size, num_workers,
+        return ShardEvalData(labelled_shards(data_path, split), transform, batch_size, rank, world_size, num_workers,
                              pin_mem)
     dataset = image_folder(resolve_data_path(data_path) / split, transform, "validation" if split == "val" else split)
     return eval_loader(dataset, batch_size, rank, world_size, num_workers, pin_mem)
@@ -74,7 +85,7 @@ def build_eval_data(data_path: str, transform, batch_size: int, rank: int, world
 def data_classes(data_path: str, split: str = "train") -> List[str]:
     """The class names of ``data_path`` (folder names, or the shard index's list): ``--nb_classes``."""
     if is_shard_spec(data_path):
-        return list(open_shards(data_path, split).classes)
+        return list(labelled_shards(data_path, split).classes)
     return list(image_folder(resolve_data_path(data_path) / split, None, split).classes)
 
 
@@ -87,8 +98,8 @@ def classification_data(data_path: str, train_transform, val_transform, nb_class
     of classes, ``--nb_classes`` checked against the data's)."""
     eval_rank, eval_world = (rank, world_size) if dist_eval else (0, 1)
     if is_shard_spec(data_path):
-        train_classes = list(open_shards(data_path, "train").classes) if need_train else None
-        nb_classes = check_classes(train_classes, list(open_shards(data_path, "val").classes), nb_classes, data_path)
+        train_classes = list(labelled_shards(data_path, "train").classes) if need_train else None
+        nb_classes = check_classes(train_classes, list(labelled_shards(data_path, "val").classes), nb_classes, data_path)
         train = build_train_data(data_path, train_transform, batch_size, rank, world_size, seed, num_workers, pin_mem,
                                  shuffle_buffer, device) if need_train else None
         return train, build_eval_data(data_path, val_transform, batch_size, eval_rank, eval_world, num_workers,
@@ -101,11 +112,21 @@ def classification_data(data_path: str, train_transform, val_transform, nb_class
     return train, eval_loader(val_set, batch_size, eval_rank, eval_world, num_workers, pin_mem), nb_classes
 
 
+def check_pretrain_data(data_path: str) -> None:
+    """Refuse a ``--data_path`` pre-training cannot read before a run starts: shards without a
+    training index, a folder with neither ``train/`` nor images of its own (labels are optional)."""
+    if is_shard_spec(data_path):
+        open_shards(data_path, "train")
+    elif data_path != BUILTIN:
+        pretrain_root(data_path)
+
+
 def check_data(data_path: str, splits: List[str]) -> None:
-    """Refuse a ``--data_path`` that lacks these splits before a run starts: the folders of an
-    ImageFolder root (``util.datasets.check_folders``), the index of each split of shards."""
+    """Refuse a ``--data_path`` that lacks these labelled splits before a run starts (fine-tuning,
+    probing): the class folders of an ImageFolder root (``util.datasets.check_folders``), the
+    index of each split of shards, with labels."""
     if is_shard_spec(data_path):
         for split in splits:
-            open_shards(data_path, split)
+            labelled_shards(data_path, split)
     else:
         check_folders(data_path, splits)

@@ -2,6 +2,9 @@
 
 * ImageFolder at ``data_path/train`` (and ``/val``) with clear errors for missing / empty folders and
   unreadable images.
+* Unlabelled images for pre-training (:func:`pretrain_images`): a flat folder (``data_path`` holding
+  images itself, or ``train/`` holding them directly), listed recursively in sorted path order; each
+  image comes with the label :data:`NO_LABEL`, which pre-training never reads.
 * ``--data_path digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes),
   written once to a cache folder as an ImageFolder of 32x32 RGB PNGs with a fixed train / val split,
   so the very same ImageFolder code runs on it.
@@ -42,6 +45,7 @@ BUILTIN = "digits"
 DIGITS_SIZE = 32
 DIGITS_VAL_FRACTION = 0.2
 SPLIT_NAMES = {"train": "training", "val": "validation"}  # folder -> what the messages call it
+NO_LABEL = -1  # the label of an image that has none (unlabelled data: pre-training only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,12 +138,14 @@ def _require_folder(root: Path, split: str) -> None:
 
 
 def check_folders(data_path: str, folders: Sequence[str]) -> None:
-    """Refuse a ``--data_path`` without these sub-folders (``train``, ``val``) before a run starts:
+    """Refuse a ``--data_path`` without these sub-folders (``train``, ``val``), or whose sub-folders hold
+    images without class folders (labels are needed), before a run starts:
     the message :func:`image_folder` would give later, once the output folder exists. The built-in
     dataset is not checked (it is written on first use)."""
     if data_path != BUILTIN:
         for name in folders:
             _require_folder(Path(data_path) / name, SPLIT_NAMES.get(name, name))
+            check_labelled(Path(data_path) / name, SPLIT_NAMES.get(name, name))
 
 
 def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
@@ -154,11 +160,88 @@ def image_folder(root: Path, transform, split: str) -> datasets.ImageFolder:
     try:
         ds = datasets.ImageFolder(str(root), transform=transform, loader=loader)
     except FileNotFoundError as e:
+        check_labelled(root, split)
         raise UserError(
             f"No images found in {str(root)!r} ({e}). Expected one sub-folder per class holding images "
             f"with extensions {', '.join(IMG_EXTENSIONS)}."
         ) from None
     return ds
+
+
+def check_labelled(root: Path, split: str) -> None:
+    """Refuse a flat folder (images without class sub-folders) where a job needs labels."""
+    if holds_images(root):
+        raise UserError(
+            f"The {split} folder {str(root)!r} holds images without class sub-folders: {split} data needs labels "
+            f"({root.name}/<class>/<image>); unlabelled images serve pre-training only. Pass a labelled --data_path."
+        )
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds image files itself (a flat folder rather than class sub-folders)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()
+                       for e in entries)
+    except OSError:
+        return False
+
+
+def list_images(root: Path) -> List[str]:
+    """Every image file under ``root`` (the extensions of :data:`IMG_EXTENSIONS`, any case), recursively,
+    following links, hidden files and folders skipped; sorted by path, so the order (and with it every
+    sample's index and seed) is the same on every machine."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found += [os.path.join(folder, f) for f in files if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
+
+
+class UnlabelledImages(Dataset):
+    """The images of a flat folder (:func:`list_images`), each as ``(transformed image, NO_LABEL)``.
+
+    ``samples`` and ``classes`` (none) as ImageFolder has them.
+    """
+
+    def __init__(self, root: Path, transform) -> None:
+        self.root, self.transform = root, transform
+        self.samples = [(path, NO_LABEL) for path in list_images(root)]
+        self.classes: List[str] = []
+        if not self.samples:
+            raise UserError(f"No images found in {str(root)!r} (extensions {', '.join(IMG_EXTENSIONS)}).")
+        self.loader = read_encoded if getattr(transform, "accepts_encoded", False) else _load_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> Tuple[Any, int]:
+        img = self.loader(self.samples[idx][0])
+        return (self.transform(img) if self.transform is not None else img), NO_LABEL
+
+
+def pretrain_root(data_path: str) -> Path:
+    """The folder pre-training reads: ``train/`` when there is one, else ``data_path`` itself when it
+    holds images (a flat folder of unlabelled images). Refuses anything else (before a run starts)."""
+    root = resolve_data_path(data_path)
+    if (root / "train").is_dir():
+        return root / "train"
+    if holds_images(root):
+        return root
+    raise UserError(
+        f"training folder {str(root / 'train')!r} does not exist. --data_path must contain train/<class>/<image> "
+        f"(the ImageNet layout) or images itself (a flat folder of unlabelled images, for pre-training), or be "
+        f"'digits' for the built-in dataset."
+    )
+
+
+def pretrain_images(data_path: str, transform) -> Dataset:
+    """Pre-training's images of ``data_path``: an ImageFolder (labels kept, never read) where the folder
+    has class sub-folders, else the unlabelled images of a flat folder (:class:`UnlabelledImages`)."""
+    folder = pretrain_root(data_path)
+    if holds_images(folder):
+        return UnlabelledImages(folder, transform)
+    return image_folder(folder, transform, "training")
 
 
 def with_decode(transform, decode: str = "auto"):

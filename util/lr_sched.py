@@ -36,6 +36,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
+def applied_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base lr the optimizer holds now, read back from its param groups (a python float: no
+    device sync): the lr of the first group at scale 1 (every group in pre-training; the head under
+    layer decay, i.e. MAE's logged maximum), else the first group's lr over its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        if group.get("lr_scale", 1.0) == 1.0:
+            return float(group["lr"])
+    first = optimizer.param_groups[0]
+    return float(first["lr"]) / first["lr_scale"]
+
+
 def cosine_schedule(lr: float, min_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int
                     ) -> Callable[[int], float]:
     """MAE's per-iteration schedule by global step: :func:`lr_at` of ``epoch + iteration / iterations``."""

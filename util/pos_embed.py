@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embeddings and position-embedding resampling.
+"""Fixed 2-D sin-cos position embeddings and position-embedding resizing.
 
 The sin-cos table reproduces MAE's layout exactly, because released MAE / DeepMIM checkpoints and
 the tools built on them depend on it:
@@ -9,11 +9,17 @@ the tools built on them depend on it:
   width ``d`` is ``1 / 10000 ** (k / (d / 2))``;
 * tokens are in row-major order (row 0 left to right, then row 1, ...);
 * with a class token, a row of zeros is prepended.
+
+Resizing a pre-trained table to another patch grid follows MAE's ``interpolate_pos_embed`` (which the
+reference DeepMIM also uses for fine-tuning and segmentation), to the bit: the prefix rows are kept
+as they are, the patch rows are reshaped to ``[1, D, H, W]`` and resized by
+``F.interpolate(mode='bicubic', align_corners=False)`` -- the plain bicubic kernel (a = -0.75), not
+the antialiased one (PIL's, a = -0.5) that timm's ``resample_abs_pos_embed`` uses by default.
 """
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -48,20 +54,40 @@ def sincos_2d(dim: int, grid_size: Union[int, Tuple[int, int]], cls_token: bool 
 
 
 def resize_pos_embed(
-    pos_embed: torch.Tensor, new_grid: Sequence[int], num_prefix_tokens: int = 1
+    pos_embed: torch.Tensor,
+    new_grid: Sequence[int],
+    num_prefix_tokens: int = 1,
+    old_grid: Optional[Sequence[int]] = None,
+    antialias: bool = False,
 ) -> torch.Tensor:
-    """Resample a [1, prefix + H*W, D] position embedding to a new (square or given) patch grid.
+    """Resize a [1, prefix + H*W, D] position embedding to the patch grid ``new_grid`` (rows, cols).
 
-    Bicubic interpolation of the patch part (timm's ``resample_abs_pos_embed``); the prefix (class
-    token) rows are kept. Identity when the grid already matches.
+    MAE's ``interpolate_pos_embed``: prefix (class token) rows untouched, the patch rows as a
+    [1, D, H, W] map through ``F.interpolate(mode='bicubic', align_corners=False)``, in the table's
+    own dtype. Identity (the same tensor) when the grid already matches.
+
+    Args:
+        pos_embed: [1, prefix + H*W, D] table, tokens row-major.
+        new_grid: (rows, cols) of the new patch grid; non-square grids are allowed.
+        num_prefix_tokens: leading rows that are not patches (1 for a class token, 0 for none).
+        old_grid: (rows, cols) of the table; None: a square grid.
+        antialias: use the antialiased bicubic kernel instead (not MAE's; never the default).
     """
     num_patches = pos_embed.shape[1] - num_prefix_tokens
-    old = int(round(num_patches**0.5))
-    if old * old != num_patches:
-        raise ValueError(f"position embedding with {num_patches} patch rows is not a square grid")
-    new_grid = list(new_grid)
-    if [old, old] == new_grid:
+    if old_grid is None:
+        old = int(round(num_patches**0.5))
+        if old * old != num_patches:
+            raise ValueError(f"position embedding with {num_patches} patch rows is not a square grid")
+        old_grid = (old, old)
+    old_h, old_w = (int(v) for v in old_grid)
+    if old_h * old_w != num_patches:
+        raise ValueError(f"position embedding with {num_patches} patch rows is not a {old_h}x{old_w} grid")
+    new_h, new_w = (int(v) for v in new_grid)
+    if (old_h, old_w) == (new_h, new_w):
         return pos_embed
-    return resample_abs_pos_embed(
-        pos_embed, new_size=new_grid, old_size=[old, old], num_prefix_tokens=num_prefix_tokens
-    )
+    dim = pos_embed.shape[-1]
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    patches = patches.reshape(-1, old_h, old_w, dim).permute(0, 3, 1, 2)  # [1, D, H, W]
+    patches = F.interpolate(patches, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=antialias)
+    patches = patches.permute(0, 2, 3, 1).flatten(1, 2)  # [1, new_h * new_w, D]
+    return torch.cat((prefix, patches), dim=1)

@@ -5,7 +5,10 @@ thousand large sequential files much better. Shards are plain POSIX tar files, e
 hundred to a few thousand samples; a sample is the tar members sharing one key:
 ``<key>.jpg`` (or ``.png`` ...: the image file's bytes, unchanged) and ``<key>.cls`` (the class
 index as decimal text). This is the layout open_clip and timm read, and the one published
-ImageNet shards use, so the same files serve every tool.
+ImageNet shards use, so the same files serve every tool. Shards without labels (img2dataset's
+layout for LAION-style collections: ``<key>.jpg`` + ``<key>.json`` / ``<key>.txt``, no ``.cls``)
+serve pre-training: their index records ``"labelled": false`` and no classes, and the readers give
+their images the label ``util.datasets.NO_LABEL``; fine-tuning, probing and evaluation refuse them.
 
 The library is ``webdataset``: it expands brace notation (``train-{000000..001023}.tar``), opens
 local paths, ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/train-000000.tar -``) and URLs, and
@@ -56,7 +59,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from util.datasets import build_digits, building, cache_root, finish_images, image_folder
+from util.datasets import NO_LABEL, build_digits, building, cache_root, finish_images, image_folder
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
 from util.misc import derive_seed, seed_host
@@ -101,6 +104,7 @@ class ShardSet:
     counts: Tuple[int, ...]
     classes: Tuple[str, ...]
     spec: str  # as given, for messages
+    labelled: bool = True  # every sample has a class label (.cls); indexes without the field were written so
 
     @property
     def num_samples(self) -> int:
@@ -179,9 +183,20 @@ def open_shards(data_path: str, split: str = "train", index: Optional[str] = Non
     if missing:
         raise UserError(f"{len(missing)} shard(s) of {spec!r} are not in its index (first: {missing[0]}); "
                         f"rewrite the index with: python tools/make_shards.py --index SPEC")
-    shards = ShardSet(tuple(urls), tuple(counts[_shard_name(u)] for u in urls), tuple(idx.get("classes", [])), spec)
+    shards = ShardSet(tuple(urls), tuple(counts[_shard_name(u)] for u in urls), tuple(idx.get("classes", [])), spec,
+                      bool(idx.get("labelled", True)))
     if shards.num_samples == 0:
         raise UserError(f"The shards {spec!r} hold no samples.")
+    return shards
+
+
+def labelled_shards(data_path: str, split: str = "train") -> ShardSet:
+    """:func:`open_shards` for a job that needs labels: shards without them stop it with one message."""
+    shards = open_shards(data_path, split)
+    if not shards.labelled:
+        raise UserError(f"The shards {shards.spec!r} have no class labels (their index records none: no .cls members); "
+                        f"unlabelled images serve pre-training only. Pass a labelled --data_path (shards with .cls "
+                        f"members, or train/<class>/<image> and val/<class>/<image>).")
     return shards
 
 
@@ -246,7 +261,7 @@ def write_shards(src: Path, output: Path, split: str, shard_size: int, seed: Opt
             log(f"{split}: {k + 1}/{n_shards} shards, {sum(s['count'] for s in shards)} images")
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "split": split, "num_samples": len(order),
              "classes": list(folder.classes), "shard_size": shard_size, "shuffle_seed": seed,
-             "keys": "index of the image in the sorted ImageFolder split", "shards": shards}
+             "keys": "index of the image in the sorted ImageFolder split", "labelled": True, "shards": shards}
     _atomic_json(output / f"{split}.json", index)
     return brace_spec(output, split, n_shards, width), index
 
@@ -255,7 +270,9 @@ def index_shards(spec: str, output: Optional[str] = None) -> Tuple[str, Dict[str
     """Count the samples of existing shards (made by another tool) and write their index.
 
     The class names are unknown there: they are the label values, ``"0"`` to the largest ``cls``
-    seen. ``output`` defaults to :func:`index_location` (which must then be a local path).
+    seen. Shards whose samples do not all have a ``.cls`` label (img2dataset's ``<key>.jpg`` +
+    ``.json`` / ``.txt``) are indexed as unlabelled: ``"labelled": false``, no classes (pre-training
+    only). ``output`` defaults to :func:`index_location` (which must then be a local path).
     Returns the index's path and the index.
     """
     import webdataset as wds
@@ -263,15 +280,18 @@ def index_shards(spec: str, output: Optional[str] = None) -> Tuple[str, Dict[str
     dest = output or index_location(spec)
     if dest.startswith("pipe:") or "://" in dest:
         raise UserError(f"Cannot write the index to {dest}; pass a local path (--index_out) and copy it there.")
-    shards, top = [], -1
+    shards, top, labelled = [], -1, True
     for url in wds.shardlists.expand_urls(spec):
         n = 0
         for _, sample in _read_shard(url, None, None):
             n += 1
-            top = max(top, _label(sample, url))
+            label = _optional_label(sample)
+            labelled = labelled and label != NO_LABEL
+            top = max(top, label)
         shards.append({"name": _shard_name(url), "count": n})
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "split": None,
-             "num_samples": sum(s["count"] for s in shards), "classes": [str(c) for c in range(top + 1)],
+             "num_samples": sum(s["count"] for s in shards),
+             "classes": [str(c) for c in range(top + 1)] if labelled else [], "labelled": labelled,
              "keys": "as written by the tool that made the shards", "shards": shards}
     _atomic_json(Path(dest), index)
     return dest, index
@@ -376,16 +396,26 @@ def _label(sample: Dict[str, Any], where: str) -> int:
         return int(sample["cls"])
     except (KeyError, ValueError):
         raise UserError(f"Sample {sample.get('__key__')} of {where} has no class label (a .cls member holding an "
-                        f"integer); shards for training need one.") from None
+                        f"integer); fine-tuning, probing and evaluation need one (pre-training does not).") from None
 
 
-def decode_sample(sample: Dict[str, Any], where: str, transform) -> Tuple[Any, int]:
-    """``(transformed image, label)``: the transform gets the bytes when it decodes itself, else a PIL image."""
+def _optional_label(sample: Dict[str, Any]) -> int:
+    """The sample's class label, or :data:`NO_LABEL` when it has none (a non-negative integer ``.cls``)."""
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        return NO_LABEL
+    return label if label >= 0 else NO_LABEL
+
+
+def decode_sample(sample: Dict[str, Any], where: str, transform, need_label: bool = True) -> Tuple[Any, int]:
+    """``(transformed image, label)``: the transform gets the bytes when it decodes itself, else a PIL image.
+    Without ``need_label`` (pre-training) a sample without a label gets :data:`NO_LABEL`."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         raise UserError(f"Sample {sample.get('__key__')} of {where} has no image (members: {sorted(sample)}).")
     img = EncodedImage(sample[ext], f"{where}:{sample['__key__']}.{ext}")
-    label = _label(sample, where)
+    label = _label(sample, where) if need_label else _optional_label(sample)
     if transform is None:
         return open_rgb(img), label
     return (transform(img) if getattr(transform, "accepts_encoded", False) else transform(open_rgb(img))), label
@@ -456,12 +486,15 @@ class ShardData:
         shuffle_buffer: samples each stream holds to shuffle (raw bytes).
         finish: applied to each batch's images in this process (``--decode nvjpeg``).
         return_ids: batches are ``(images, labels, ids)`` (ids: positions in the index), for tests and tools.
+        labels: whether the job needs labels; False (pre-training): never parsed as required, a sample
+            without one gets ``NO_LABEL``.
     """
 
     def __init__(self, shards: ShardSet, transform, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, pin_mem: bool, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 finish: Optional[Callable[[List[Any]], Any]] = None, return_ids: bool = False) -> None:
-        self.shards, self.transform = shards, transform
+                 finish: Optional[Callable[[List[Any]], Any]] = None, return_ids: bool = False,
+                 labels: bool = True) -> None:
+        self.shards, self.transform, self.labels = shards, transform, labels
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.pin_mem = num_workers, pin_mem
         self.streams = max(1, num_workers)
@@ -502,7 +535,7 @@ class ShardData:
             for _ in range(self.batch_size):
                 i, sample = next(samples)
                 seed_host(derive_seed(self.seed, epoch, i))  # as SeededDataset does for folders
-                img, label = decode_sample(sample, self.shards.spec, self.transform)
+                img, label = decode_sample(sample, self.shards.spec, self.transform, self.labels)
                 items.append((img, label, i) if self.return_ids else (img, label))
             yield collate(items)
 

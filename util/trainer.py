@@ -48,7 +48,7 @@ from util import dist as dist_util
 from util.config import TrainConfig
 from util.data import TrainData
 from util.errors import UserError
-from util.lr_sched import set_lr
+from util.lr_sched import applied_lr, set_lr
 from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, peak_memory, seed_everything
 from util.runner import Run
 
@@ -423,6 +423,8 @@ class Trainer:
         self.nonfinite = NonFiniteTracker(job.metric_labels(), run.device)
         self.last_train: Dict[str, float] = {}
         self.lr = job.optimizer.param_groups[0]["lr"]
+        # the lr the optimizer held at each step of the epoch, as read back from it (log.txt's train_lr)
+        self.lr_sum, self.lr_count = 0.0, 0
         self.train_model: Optional[nn.Module] = None
         # MAE's log.txt field: the trained parameters
         self.n_parameters = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
@@ -518,6 +520,7 @@ class Trainer:
                 start = epoch * self.steps_per_epoch + step
                 self.epoch_sums.load(partial.get("epoch"))
                 self.window.load(partial.get("window"))
+                self._load_lr_sum(partial.get("lr"), epoch * self.steps_per_epoch, start)
             else:
                 start = (epoch + 1) * self.steps_per_epoch
             _log.info("resumed from %s: continuing at epoch %d%s", path, start // self.steps_per_epoch,
@@ -594,6 +597,7 @@ class Trainer:
         partial = {"window": self.window.state()}
         if self.cfg.by_epoch:
             partial["epoch"] = self.epoch_sums.state()
+            partial["lr"] = {"sum": self.lr_sum, "count": self.lr_count}
         self.commit(done, [], [ckpt_util.LAST], partial)
         if self.cfg.by_epoch:
             epoch, it = divmod(done, self.steps_per_epoch)
@@ -624,6 +628,8 @@ class Trainer:
             epoch, it = divmod(step, spe)
             if it % accum == 0:
                 self.lr = set_lr(job.optimizer, job.lr(step))
+            self.lr_sum += applied_lr(job.optimizer)  # what this step applies, read back on the host
+            self.lr_count += 1
             seed_everything(derive_seed(cfg.seed, step, rank))
             update = (it + 1) % accum == 0 or it + 1 == spe
             metrics = train_step(model, job.loss, batch, job.optimizer, job.scaler, run.device, run.amp_dtype,
@@ -659,17 +665,27 @@ class Trainer:
         self.run.tb.flush()
         return job.result(self, time.time() - t0)
 
-    def epoch_mean_lr(self, epoch: int) -> float:
-        """The mean over ``epoch``'s iterations of the lr in effect (MAE logs its meter's average as
-        ``train_lr``). The lr is set at each accumulation boundary from the step alone, so the mean
-        follows from the schedule: the same after a resume as without one."""
-        spe, accum = self.steps_per_epoch, max(1, self.cfg.accum_iter)
-        first = epoch * spe
-        return sum(self.job.lr(first + it - it % accum) for it in range(spe)) / spe
+    def _load_lr_sum(self, carried: Optional[Dict[str, Any]], first: int, start: int) -> None:
+        """The lr sum of a resumed epoch's steps before ``start``: as the checkpoint recorded it, or
+        (a checkpoint without one) the schedule's values at those steps."""
+        if carried:
+            self.lr_sum, self.lr_count = float(carried["sum"]), int(carried["count"])
+            return
+        accum = max(1, self.cfg.accum_iter)
+        self.lr_sum = sum(self.job.lr(first + it - it % accum) for it in range(start - first))
+        self.lr_count = start - first
+
+    def epoch_mean_lr(self) -> float:
+        """The mean over the epoch's iterations of the lr the optimizer held (MAE logs its meter's
+        average of ``param_groups[...]["lr"]`` as ``train_lr``): read back from the optimizer at every
+        step, so an lr applied wrongly shows in ``log.txt``. Resets the sum for the next epoch."""
+        mean = self.lr_sum / max(1, self.lr_count)
+        self.lr_sum, self.lr_count = 0.0, 0
+        return mean
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
         self.nonfinite.check(self.steps_per_epoch)
-        self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.epoch_mean_lr(epoch)}
+        self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.epoch_mean_lr()}
         self.epoch_sums.reset()
         hook = self.job.on_epoch_end(self, epoch, self.last_train)
         files = [ckpt_util.LAST]
