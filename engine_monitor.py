@@ -20,10 +20,8 @@ generator as they found it, so training computes the same numbers with and witho
 import argparse
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from util import dist as dist_util
@@ -33,8 +31,8 @@ from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.datasets import eval_transform, holds_images, image_folder, resolve_data_path
 from util.errors import UserError
+from util.loader import build_loader
 from util.misc import autocast
-from util.preempt import worker_init
 from util.runner import Run
 from util.shards import is_shard_spec
 
@@ -242,9 +240,7 @@ class KnnMonitor:
         subset, _ = self.sets[split]
         rows, world, rank = self.rows[split], dist_util.get_world_size(), dist_util.get_rank()
         mine = list(range(rank, len(rows), world))
-        loader = torch.utils.data.DataLoader(subset, batch_sampler=[rows[b] for b in mine],
-                                             num_workers=self.num_workers if mine else 0,
-                                             worker_init_fn=partial(worker_init, os.getpid()))
+        loader = build_loader(subset, batch_sampler=[rows[b] for b in mine], num_workers=self.num_workers if mine else 0)
         batches = ((b, imgs) for b, (imgs, _) in zip(mine, loader))
         side = self.encoder.patch_embed.img_size
         if sum(len(rows[b]) for b in mine) * 3 * side[0] * side[1] * 4 <= CACHE_BYTES:

@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from util.datasets import SeededDataset, cache_root
 from util.errors import UserError
+from util.loader import build_loader
 from util.misc import derive_seed
 
 import numpy as np
@@ -359,8 +360,12 @@ class IterationData:
         self.num_samples = len(dataset)
         self.steps_per_epoch = max(1, len(dataset) // (batch_size * world_size))
 
-    def batches(self, start_step: int) -> Iterator:
+    def loader(self, start_step: int) -> DataLoader:
+        """The loader of iterations ``start_step .. iters - 1``."""
         sampler = IterationSampler(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
                                    start_step, self.iters)
-        yield from DataLoader(SeededDataset(self.dataset), sampler=sampler, batch_size=self.batch_size,
-                              num_workers=self.num_workers, pin_memory=self.pin_mem, drop_last=True)
+        return build_loader(SeededDataset(self.dataset), sampler=sampler, batch_size=self.batch_size,
+                            num_workers=self.num_workers, pin_memory=self.pin_mem, drop_last=True)
+
+    def batches(self, start_step: int) -> Iterator:
+        yield from self.loader(start_step)

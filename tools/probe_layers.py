@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util import convert  # noqa: E402
 from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
 from util.datasets import classification_datasets, eval_transform  # noqa: E402
+from util.loader import build_loader  # noqa: E402
 from util.misc import check_writable, run_cli, save_json, setup_logging, to_plain  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -90,7 +91,7 @@ def extract_features(model: models_vit.ViT, dataset, batch_size: int, pools: Seq
         ``{pool: [depth, N, D] float32}`` and the labels [N].
     """
     layers = list(range(1, len(model.blocks) + 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = build_loader(dataset, batch_size=batch_size)  # in order, in this process
     chunks: Dict[str, List[np.ndarray]] = {pool: [] for pool in pools}
     labels = []
     model.to(device).eval()

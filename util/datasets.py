@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,8 +29,8 @@ from util.config import FlagConfig
 from util.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.decode import DecodeTransform, read_encoded, rgb8
 from util.errors import UserError
+from util.loader import build_loader
 from util.misc import derive_seed, seed_host
-from util.preempt import worker_init
 
 import numpy as np
 from PIL import Image
@@ -333,17 +332,9 @@ def train_loader(
             f"{world_size} process(es). Lower --batch_size."
         )
     base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(
-        SeededDataset(dataset),
-        sampler=SeededSampler(base, seed),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_mem,
-        drop_last=True,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate_fn,
-        worker_init_fn=partial(worker_init, os.getpid()),
-    )
+    return build_loader(SeededDataset(dataset), sampler=SeededSampler(base, seed), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=pin_mem, drop_last=True, persistent=True,
+                        collate_fn=collate_fn)
 
 
 class FolderData:
@@ -407,16 +398,8 @@ def eval_loader(
     dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int, pin_mem: bool
 ) -> DataLoader:
     """Sequential loader over this rank's shard (the whole set in a single process)."""
-    return DataLoader(
-        dataset,
-        sampler=ShardSampler(len(dataset), rank, world_size),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=pin_mem,
-        drop_last=False,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=partial(worker_init, os.getpid()),
-    )
+    return build_loader(dataset, sampler=ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=pin_mem, persistent=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from util.datasets import NO_LABEL, build_digits, building, cache_root, finish_images, image_folder
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
+from util.loader import build_loader
 from util.misc import derive_seed, seed_host
-from util.preempt import worker_init
 
 import numpy as np
 from PIL import Image
@@ -467,8 +467,7 @@ class _Stream(IterableDataset):
 def _loader(stream: _Stream, num_workers: int, pin_mem: bool) -> DataLoader:
     # batch_size=None: the workers make whole batches; the DataLoader takes one from each worker
     # in turn (worker 0, 1, ..., 0, ...), which is the order the batches are planned in
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_mem,
-                      worker_init_fn=partial(worker_init, os.getpid()) if num_workers else None)
+    return build_loader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_mem)
 
 
 class ShardData:
