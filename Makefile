@@ -58,4 +58,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) output_dir
+	rm -rf $(VENV) output_dir deepmim.egg-info
