@@ -16,21 +16,17 @@ computed from the masks as drawn; the JSON is COCO's ``instances`` format.
 import argparse
 import colorsys
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+from util.cli import Parser, positive_int, seed_int
+from util.datasets import building
+from util.errors import UserError
+from util.misc import run_cli
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from util.cli import Parser, positive_int, seed_int  # noqa: E402
-from util.datasets import building  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.misc import run_cli  # noqa: E402
 
 CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle"}
 HUES = {1: 0.0, 3: 0.33, 7: 0.66}

@@ -20,26 +20,22 @@ from the weights (and ``meta['config']`` when present) and writes a checkpoint t
 import argparse
 import ast
 import re
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.checkpoint import read_checkpoint, save_atomic
+from util.cli import Parser
+from util.errors import UserError
+from util.registry import vit_heads
 
-from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
-from util.cli import Parser  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.registry import vit_heads  # noqa: E402
+import numpy as np
+import torch
+from timm.layers import gen_relative_position_index
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from timm.layers import gen_relative_position_index  # noqa: E402
-
-import models_vit  # noqa: E402
-from Segmentation.data import ADE20K_CLASSES  # noqa: E402
-from Segmentation.inference import default_stride  # noqa: E402
-from Segmentation.models import STRIDES, SegConfig, default_out_indices  # noqa: E402
+import models_vit
+from Segmentation.data import ADE20K_CLASSES
+from Segmentation.inference import default_stride
+from Segmentation.models import STRIDES, SegConfig, default_out_indices
 
 _OURS_TO_MMSEG = [(re.compile(r"^backbone\.blocks\.(\d+)\.ls([12])\.gamma$"), r"backbone.blocks.\1.gamma_\2"),
                   (re.compile(r"^backbone\.necks\.(\d+)\."), lambda m: f"backbone.fpn{int(m.group(1)) + 1}.")]

@@ -7,19 +7,14 @@ resize scale becomes (128, 32), the 512 crop 32 and the 341 stride 21; the heads
 short warm-up.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import Parser, nonneg_int, positive_int
+from util.misc import fmt_seconds, run_cli
 
-from util.cli import Parser, nonneg_int, positive_int  # noqa: E402
-from util.misc import fmt_seconds, run_cli  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from Segmentation import train  # noqa: E402
+from Segmentation import train
 
 RECIPE = ["--data_path", "synthetic", "--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device", "cpu",
           "--amp", "none", "--crop_size", "32", "--img_scale", "128", "32", "--stride", "21", "--channels", "64",

@@ -18,20 +18,16 @@ annotations PNGs; ``classes.txt`` names the classes for the tables.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Tuple
 
+from util.cli import Parser, positive_int, seed_int
+from util.errors import UserError
+from util.misc import run_cli
+
 import numpy as np
 from PIL import Image, ImageDraw
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from util.cli import Parser, positive_int, seed_int  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.misc import run_cli  # noqa: E402
 
 CLASSES = ("background", "disc", "square", "triangle", "ring")  # label k + 1 in the PNGs
 SPLIT_SIZES = {"training": 400, "validation": 60}

@@ -13,19 +13,15 @@ See Segmentation/README.md for the recipe, the metric definitions and the mmseg 
 import argparse
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script (python / torchrun Segmentation/train.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from util import checkpoint as ckpt_util  # noqa: E402
-from util import convert  # noqa: E402
-from util import dist as dist_util  # noqa: E402
-from util.cli import (  # noqa: E402
+from util import checkpoint as ckpt_util
+from util import convert
+from util import dist as dist_util
+from util.cli import (
     OrderedPair,
     Parser,
     add_adamw_args,
@@ -42,21 +38,21 @@ from util.cli import (  # noqa: E402
     share,
     str2list,
 )
-from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
-from util.datasets import eval_loader  # noqa: E402
-from util.lr_sched import poly_schedule  # noqa: E402
-from util.misc import fmt_seconds, make_scaler, run_cli  # noqa: E402
-from util.optim import adamw, layer_decay_groups  # noqa: E402
-from util.runner import Run, start_run  # noqa: E402
-from util.trainer import Commit, Job, Trainer, TrainerConfig  # noqa: E402
+from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict
+from util.datasets import eval_loader
+from util.lr_sched import poly_schedule
+from util.misc import fmt_seconds, make_scaler, run_cli
+from util.optim import adamw, layer_decay_groups
+from util.runner import Run, start_run
+from util.trainer import Commit, Job, Trainer, TrainerConfig
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from Segmentation import data  # noqa: E402
-from Segmentation.inference import AUG_RATIOS, InferenceConfig, check_inference, evaluate  # noqa: E402
-from Segmentation.metrics import format_table, summarize  # noqa: E402
-from Segmentation.models import (  # noqa: E402
+from Segmentation import data
+from Segmentation.inference import AUG_RATIOS, InferenceConfig, check_inference, evaluate
+from Segmentation.metrics import format_table, summarize
+from Segmentation.models import (
     SegConfig,
     Segmentor,
     ViTBackbone,

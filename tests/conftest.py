@@ -21,7 +21,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CUDA_SKIP = "needs a CUDA GPU: tools/gpu_check.sh runs these on one (tools/GPU_CHECK.md)"
 

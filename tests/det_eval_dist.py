@@ -10,16 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util import dist as dist_util
+from util.datasets import ShardSampler
 
-from util import dist as dist_util  # noqa: E402
-from util.datasets import ShardSampler  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from Detection import data, evaluation, models  # noqa: E402
+from Detection import data, evaluation, models
 
 
 def main(root: str, out: Path) -> None:

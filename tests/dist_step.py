@@ -23,24 +23,21 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util.checkpoint import unwrap
+from util.config import RunConfig
+from util.lr_sched import cosine_schedule
+from util.optim import adamw, layer_decay_groups, weight_decay_groups
+from util.runner import start_run
+from util.trainer import Job, Trainer, TrainerConfig
 
-from util.checkpoint import unwrap  # noqa: E402
-from util.config import RunConfig  # noqa: E402
-from util.lr_sched import cosine_schedule  # noqa: E402
-from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
-from util.runner import start_run  # noqa: E402
-from util.trainer import Job, Trainer, TrainerConfig  # noqa: E402
+import torch
+from timm.loss import LabelSmoothingCrossEntropy
 
-import torch  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
-
-import models_deepmim  # noqa: E402
-import models_vit  # noqa: E402
-from engine_finetune import classification_loss  # noqa: E402
-from targets.base import compute_targets  # noqa: E402
-from targets.pixel import PixelTarget  # noqa: E402
+import models_deepmim
+import models_vit
+from engine_finetune import classification_loss
+from targets.base import compute_targets
+from targets.pixel import PixelTarget
 
 BATCH, SIZE, PATCH = 8, 16, 4
 

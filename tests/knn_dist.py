@@ -10,16 +10,13 @@ with a batch size that splits the subsets into batches the two ranks share uneve
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util.config import RunConfig
+from util.runner import start_run
 
-from util.config import RunConfig  # noqa: E402
-from util.runner import start_run  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import models_deepmim  # noqa: E402
-from engine_monitor import KnnMonitor, MonitorConfig  # noqa: E402
+import models_deepmim
+from engine_monitor import KnnMonitor, MonitorConfig
 
 SETTINGS = dict(knn_every=1, knn_train_per_class=5, knn_val_per_class=3, knn_batch_size=7, knn_layers=(2, 4))
 

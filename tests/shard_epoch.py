@@ -11,14 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util.datasets import pretrain_transform
+from util.shards import ShardData, open_shards
 
-from util.datasets import pretrain_transform  # noqa: E402
-from util.shards import ShardData, open_shards  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 
 def take(data: ShardData, start: int, n: int):

@@ -9,8 +9,8 @@ from conftest import run_finetune
 import main_linprobe
 import main_pretrain
 import models_vit
-from tools.demo import FINETUNE as DEMO_FINETUNE  # noqa: E402
-from tools.demo import PRETRAIN as DEMO_PRETRAIN  # noqa: E402
+from tools.demo import FINETUNE as DEMO_FINETUNE
+from tools.demo import PRETRAIN as DEMO_PRETRAIN
 
 finetune = run_finetune
 

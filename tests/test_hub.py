@@ -10,7 +10,6 @@ from util.errors import UserError
 
 import pytest
 import torch
-from conftest import ROOT
 
 
 def weights_file(path: Path) -> str:
@@ -79,10 +78,9 @@ def test_unknown_names_list_the_known_ones(tmp_path, server, cache):
 
 HUB_SCRIPT = """
 import sys
-sys.path.insert(0, sys.argv[1])
 from util import hub
 from util.errors import UserError
-for source in sys.argv[2:]:
+for source in sys.argv[1:]:
     try:
         print("ok", hub.resolve(source))
     except UserError as e:
@@ -94,7 +92,7 @@ def resolve_in_process(sources, hf_cache):
     """hub.resolve of each source, in one fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE set
     (huggingface_hub reads them at import). Returns the output line of each."""
     env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(ROOT), *sources], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, *sources], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()

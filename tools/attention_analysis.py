@@ -34,22 +34,19 @@ import argparse
 import itertools
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import Parser, positive_int, seed_int
+from util.datasets import classification_datasets, eval_transform
+from util.errors import UserError
+from util.misc import check_writable, run_cli, save_json, setup_logging
 
-from util.cli import Parser, positive_int, seed_int  # noqa: E402
-from util.datasets import classification_datasets, eval_transform  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.misc import check_writable, run_cli, save_json, setup_logging  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import models_vit  # noqa: E402
-from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device  # noqa: E402
+import models_vit
+from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device
 
 _log = logging.getLogger("attention_analysis")
 

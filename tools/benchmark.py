@@ -28,21 +28,19 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import Parser, nonneg_int, positive_float, positive_int, usage_error
+from util.dist import resolve_device
+from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything
+from util.optim import adamw, layer_decay_groups, weight_decay_groups
 
-from util.cli import Parser, nonneg_int, positive_float, positive_int, usage_error  # noqa: E402
-from util.dist import resolve_device  # noqa: E402
-from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything  # noqa: E402
-from util.optim import adamw, layer_decay_groups, weight_decay_groups  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import main_finetune  # noqa: E402
-import main_pretrain  # noqa: E402
-import models_deepmim  # noqa: E402
-import models_vit  # noqa: E402
-from targets.base import compute_targets  # noqa: E402
+import main_finetune
+import main_pretrain
+import models_deepmim
+import models_vit
+from targets.base import compute_targets
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2,

@@ -36,22 +36,19 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.datasets import IMAGENET_STD, FolderData, finetune_transform, image_folder, pretrain_transform, with_decode
+from util.decode import mean_abs_diff, read_encoded, stats_summary
+from util.misc import derive_seed, run_cli, seed_everything
+from util.shards import ShardData, open_shards, write_shards
 
-from util.datasets import IMAGENET_STD, FolderData, finetune_transform, image_folder, pretrain_transform, with_decode  # noqa: E402
-from util.decode import mean_abs_diff, read_encoded, stats_summary  # noqa: E402
-from util.misc import derive_seed, run_cli, seed_everything  # noqa: E402
-from util.shards import ShardData, open_shards, write_shards  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
 
 def make_jpegs(root: Path, n: int, quality: int, seed: int = 0) -> Dict[str, float]:

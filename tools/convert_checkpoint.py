@@ -29,20 +29,17 @@ with the stored epoch and a fresh optimizer.
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util import convert, serialization
+from util.checkpoint import read_checkpoint, save_atomic
+from util.cli import Parser, increasing, positive_int, str2list
+from util.errors import UserError
+from util.misc import run_cli
+from util.registry import vit_heads
 
-from util import convert, serialization  # noqa: E402
-from util.checkpoint import read_checkpoint, save_atomic  # noqa: E402
-from util.cli import Parser, increasing, positive_int, str2list  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.misc import run_cli  # noqa: E402
-from util.registry import vit_heads  # noqa: E402
-
-from tools.common import release_to_ours  # noqa: E402
+from tools.common import release_to_ours
 
 TIMM_NAMES = {(192, 12, 16): "vit_tiny_patch16", (384, 12, 16): "vit_small_patch16", (768, 12, 16): "vit_base_patch16",
               (1024, 24, 16): "vit_large_patch16", (1280, 32, 14): "vit_huge_patch14"}

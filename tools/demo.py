@@ -22,20 +22,17 @@ one thread.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import Parser, nonneg_int, positive_int
+from util.misc import fmt_seconds, run_cli
 
-from util.cli import Parser, nonneg_int, positive_int  # noqa: E402
-from util.misc import fmt_seconds, run_cli  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import main_finetune  # noqa: E402
-import main_pretrain  # noqa: E402
+import main_finetune
+import main_pretrain
 
 PRETRAIN = ["--data_path", "digits", "--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--device", "cpu",
             "--norm_pix_loss", "--epochs", "12", "--warmup_epochs", "1", "--batch_size", "64", "--blr", "1.5e-3",

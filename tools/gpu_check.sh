@@ -37,7 +37,9 @@ if [[ -z "${PYTHON:-}" ]]; then
     # .venv only where it works (a checkout's .venv link dangles on a machine it was copied to)
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+# the checkout itself on the path too: a GPU node runs it without `make install` (the editable install
+# that lets `python tools/x.py` import the project), and its Python gets nothing installed
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 # time budget, seconds (tools/GPU_CHECK.md): each part's limit, and a deadline none of them passes
 # (the dry run compiles on the CPU: longer)

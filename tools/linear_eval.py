@@ -53,16 +53,13 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from util import convert  # noqa: E402
-from util import dist as dist_util  # noqa: E402
-from util.cli import (  # noqa: E402
+from util import convert
+from util import dist as dist_util
+from util.cli import (
     OrderedPair,
     Parser,
     add_run_args,
@@ -75,24 +72,24 @@ from util.cli import (  # noqa: E402
     share,
     str2list,
 )
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict  # noqa: E402
-from util.data import build_eval_data, classification_data  # noqa: E402
-from util.datasets import eval_transform, linprobe_transform, with_decode  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.lr_sched import cosine_schedule  # noqa: E402
-from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, save_json  # noqa: E402
-from util.runner import Run, start_run  # noqa: E402
-from util.shards import ShardEvalData, is_shard_spec, open_shards  # noqa: E402
-from util.trainer import Commit, Job, Trainer, epoch_trainer_config  # noqa: E402
+from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
+from util.data import build_eval_data, classification_data
+from util.datasets import eval_transform, linprobe_transform, with_decode
+from util.errors import UserError
+from util.lr_sched import cosine_schedule
+from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, save_json
+from util.runner import Run, start_run
+from util.shards import ShardEvalData, is_shard_spec, open_shards
+from util.trainer import Commit, Job, Trainer, epoch_trainer_config
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from timm.optim import Lars  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DistributedSampler  # noqa: E402
+import torch
+import torch.nn.functional as F
+from timm.optim import Lars
+from torch import nn
+from torch.utils.data import DistributedSampler
 
-import models_vit  # noqa: E402
-from tools.common import progress, progress_logging  # noqa: E402
+import models_vit
+from tools.common import progress, progress_logging
 
 _log = logging.getLogger("linear_eval")
 

@@ -18,17 +18,14 @@ printed at the end; a progress bar per split shows the shards written, the rate 
 """
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any, Dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.datasets import resolve_data_path
+from util.misc import run_cli
+from util.shards import SPLITS, index_shards, write_shards
 
-from util.datasets import resolve_data_path  # noqa: E402
-from util.misc import run_cli  # noqa: E402
-from util.shards import SPLITS, index_shards, write_shards  # noqa: E402
-
-from tools.common import progress  # noqa: E402
+from tools.common import progress
 
 
 def get_args_parser() -> argparse.ArgumentParser:

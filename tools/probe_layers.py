@@ -33,24 +33,21 @@ import argparse
 import json
 import logging
 import shlex
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util import convert
+from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int
+from util.datasets import classification_datasets, eval_transform
+from util.loader import build_loader
+from util.misc import check_writable, run_cli, save_json, setup_logging, to_plain
 
-from util import convert  # noqa: E402
-from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int  # noqa: E402
-from util.datasets import classification_datasets, eval_transform  # noqa: E402
-from util.loader import build_loader  # noqa: E402
-from util.misc import check_writable, run_cli, save_json, setup_logging, to_plain  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import models_vit  # noqa: E402
-from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device  # noqa: E402
+import models_vit
+from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device
 
 _log = logging.getLogger("probe_layers")
 

@@ -30,22 +30,18 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util.cli import Parser, positive_int, seed_int
+from util.datasets import resolve_data_path
+from util.misc import check_writable, fmt_seconds, run_cli, save_json
 
-from util.cli import Parser, positive_int, seed_int  # noqa: E402
-from util.datasets import resolve_data_path  # noqa: E402
-from util.misc import check_writable, fmt_seconds, run_cli, save_json  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tools.demo import FINETUNE, PRETRAIN  # noqa: E402
+from tools.demo import FINETUNE, PRETRAIN
 
 CONFIGS = {"mae": "12", "deepmim": "6,8,10,12"}
 SHOTS = 10  # the low-shot probe: 10 training images per class

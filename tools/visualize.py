@@ -29,24 +29,21 @@ DeepMIM / MAE release with its decoders (renamed on load, as ``tools/convert_che
 does).
 """
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util import convert
+from util.checkpoint import read_checkpoint
+from util.cli import Parser, mask_fraction, positive_int, seed_int
+from util.dist import resolve_device
+from util.errors import UserError
+from util.misc import run_cli
 
-from util import convert  # noqa: E402
-from util.checkpoint import read_checkpoint  # noqa: E402
-from util.cli import Parser, mask_fraction, positive_int, seed_int  # noqa: E402
-from util.dist import resolve_device  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.misc import run_cli  # noqa: E402
-
-import models_deepmim  # noqa: E402
-from engine_monitor import draw, pick_images, reconstruct  # noqa: E402
-from targets.base import Target, TargetConfig  # noqa: E402
-from targets.registry import build_targets  # noqa: E402
-from tools.common import release_to_ours  # noqa: E402
+import models_deepmim
+from engine_monitor import draw, pick_images, reconstruct
+from targets.base import Target, TargetConfig
+from targets.registry import build_targets
+from tools.common import release_to_ours
 
 PATH_FLAGS = ("clip_path", "clip_model", "teacher_model", "teacher_weights")  # given here, they replace the saved ones
 
