@@ -31,9 +31,12 @@ LIBRARY_DIRS = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "
                 "HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
 
 
+SYSTEM_TEMP = tempfile.gettempdir()  # before any fixture points TMPDIR elsewhere
+
+
 def _temp_entries() -> set:
     """The system temp directory's entries, less pytest's own ``pytest-of-<user>`` (tmp_path lives there)."""
-    return {n for n in os.listdir(tempfile.gettempdir()) if not n.startswith("pytest-of-")}
+    return {n for n in os.listdir(SYSTEM_TEMP) if not n.startswith("pytest-of-")}
 
 
 def pytest_configure(config):
@@ -55,7 +58,7 @@ def pytest_sessionfinish(session, exitstatus):
     left = sorted(_temp_entries() - before)
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.write_line(f"FAILED: the tests left {len(left)} entries in {tempfile.gettempdir()}: {left[:10]}",
+        reporter.write_line(f"FAILED: the tests left {len(left)} entries in {SYSTEM_TEMP}: {left[:10]}",
                             red=True)
         session.exitstatus = 1
 
@@ -81,6 +84,9 @@ def data_cache(tmp_path_factory):
     libs = tmp_path_factory.mktemp("library_dirs")
     for name in LIBRARY_DIRS:
         os.environ[name] = str(libs / name.lower())
+    # the processes the tests start (and kill): their temp files (multiprocessing's pymp-*, torchrun's
+    # logs) in a folder of this run; a test that needs its own passes TMPDIR itself (clean_env(tmp_path))
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
     return cache
 
 
