@@ -205,9 +205,10 @@ def clean_env(tmp: Path = None, **extra: str) -> Dict[str, str]:
 # the kernel may give the same ephemeral port to anyone in between. These ports come from below the
 # ephemeral range (the kernel never hands those out by itself), from a block of 500 of each pytest-xdist
 # worker's own (two concurrent tests never share a worker's counter), at a random offset per run (two
-# concurrent runs of the suite), and each is checked to be bindable before it is handed out.
+# concurrent runs of the suite; at most 400, so a run keeps 100 ports inside its block), and each is
+# checked to be bindable before it is handed out.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-_PORTS = itertools.count(20000 + (_WORKER % 24) * 500 + random.Random().randrange(0, 480, 20))
+_PORTS = itertools.count(20000 + (_WORKER % 24) * 500 + random.Random().randrange(0, 400, 20))
 
 
 def free_port() -> int:
