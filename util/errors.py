@@ -1,5 +1,14 @@
-"""What a script turns into one line on stderr and an exit status: a user's mistake (2), a preemption (3)."""
+"""What a script turns into one line on stderr and an exit status: every exit status of the project.
+
+0: done (or preempted, when the launch script asked for the ``DEEPMIM_PREEMPTED_FILE`` marker and it
+was written); 1: a bug (Python's traceback); 2: a user's mistake (:class:`UserError`, one ``error:``
+line); 3: stopped by a signal after writing ``checkpoint-last.pth`` (:class:`Preempted`; rerun to
+continue).
+"""
 import sys
+
+EXIT_USER_ERROR = 2  # exit status: one ``error:`` line on stderr says what to fix
+EXIT_PREEMPTED = 3  # exit status: stopped by a signal after writing checkpoint-last.pth; rerun to continue
 
 
 class UserError(Exception):
@@ -13,7 +22,7 @@ class UserError(Exception):
 class Preempted(Exception):
     """Training stopped on SIGTERM / SIGUSR1 after writing ``checkpoint-last.pth``.
 
-    The ``main_*`` scripts exit with status 3 (``util.preempt.EXIT_PREEMPTED``): a batch script can
+    The ``main_*`` scripts exit with status 3 (:data:`EXIT_PREEMPTED`): a batch script can
     tell it from a failure; rerunning the same command resumes. ``reported``: the launch script asked
     for a marker file (``DEEPMIM_PREEMPTED_FILE``) and rank 0 wrote it, so every process exits 0
     and the script turns the marker into status 3 (``util/preempt.py``).
@@ -29,3 +38,4 @@ def say(line: str) -> None:
     line written in two parts (``print`` writes the text, then the newline) interleaves with theirs."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+

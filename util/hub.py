@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from util.errors import UserError
+from util.misc import atomic_path
 
 import torch
 
@@ -187,18 +188,16 @@ def download(url: str, sha256: Optional[str] = None, md5_prefix: Optional[str] =
         if dest.exists():
             _check(dest, url, sha256, md5_prefix)
             return str(dest)
-        tmp = folder / f".{name}.part-{os.getpid()}"
         _log.info("downloading %s to %s", url, dest)
-        try:
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        except Exception as e:  # network errors come in many types
-            tmp.unlink(missing_ok=True)
-            raise UserError(
-                f"Could not download {url} ({e}). Offline? Download it elsewhere and pass the file, or put it "
-                f"in {folder}."
-            ) from None
-        _check(tmp, url, sha256, md5_prefix)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:  # checked before it takes the real name
+            try:
+                torch.hub.download_url_to_file(url, str(tmp), progress=True)
+            except Exception as e:  # network errors come in many types
+                raise UserError(
+                    f"Could not download {url} ({e}). Offline? Download it elsewhere and pass the file, or put it "
+                    f"in {folder}."
+                ) from None
+            _check(tmp, url, sha256, md5_prefix)
     return str(dest)
 
 

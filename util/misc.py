@@ -11,11 +11,10 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from util import import_wandb
-from util.errors import Preempted, UserError, say
-from util.preempt import EXIT_PREEMPTED
+from util.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError, say
 
 import numpy as np
 import torch
@@ -38,9 +37,10 @@ def setup_logging(rank: int = 0, output_dir: Optional[str] = None) -> None:
 
 
 def run_cli(main: Callable[[Any], Any], args: Any) -> None:
-    """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with 2,
-    :class:`Preempted` (stopped by a signal, checkpoint written) exits with 3, or with 0 when the
-    launch script was told so through ``DEEPMIM_PREEMPTED_FILE`` (``util/preempt.py``)."""
+    """Run a script's ``main(args)``; a :class:`UserError` prints one message and exits with
+    :data:`EXIT_USER_ERROR`, :class:`Preempted` (stopped by a signal, checkpoint written) exits with
+    :data:`EXIT_PREEMPTED`, or with 0 when the launch script was told so through
+    ``DEEPMIM_PREEMPTED_FILE`` (``util/preempt.py``)."""
     try:
         main(args)
     except Preempted as e:
@@ -51,7 +51,7 @@ def run_cli(main: Callable[[Any], Any], args: Any) -> None:
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the message only
             msg = msg.rsplit("UserError: ", 1)[-1].strip()
         say(f"error: {msg}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,34 +217,29 @@ _WRITE_ERRORS = {errno.ENOSPC: "No space left on the device", errno.EDQUOT: "Dis
                  errno.EIO: "Input/output error", errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(f)`` into :func:`temp_path`, fsync, ``os.replace`` it over ``path``.
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield :func:`temp_path` of ``path`` to be written by any means; on a clean exit fsync it and
+    ``os.replace`` it over ``path`` (then fsync the folder, so the rename itself is durable).
 
-    A crash or ``kill -9`` never leaves a half-written file under the real name. A write that fails
-    (disk full, quota, file-size limit, permission, I/O error) removes the temporary file, keeps the
-    old ``path`` and raises one :class:`UserError` naming the path, the cause and the free space.
+    The one way this project writes a file: a crash or ``kill -9`` never leaves a half-written file
+    under the real name. On an exception the temporary file is removed and ``path`` is untouched.
+    A write that fails with an ``OSError`` (disk full, quota, file-size limit, permission, I/O error)
+    becomes one :class:`UserError` naming the path, the cause and the free space.
     """
     path = Path(path)
     tmp = temp_path(path)
-    rec: Optional[_Recorder] = None
     try:
-        with open(tmp, "wb") as f:
-            rec = _Recorder(f)
-            write(rec)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except OSError as e:
         _remove(tmp)
-        cause = rec.error if rec is not None and rec.error is not None else e
-        if not isinstance(cause, OSError):
-            raise  # a RuntimeError that is not a failed write: a bug, keep its traceback
-        reason = _WRITE_ERRORS.get(cause.errno or 0) or cause.strerror or str(cause)
-        raise UserError(
-            f"Cannot write {path}: {reason} ({free_space(path.parent)} on its file system); the partial "
-            f"file was removed and any earlier file of that name is intact. Free some space (or choose "
-            f"another folder) and rerun the same command: training resumes from its newest complete checkpoint."
-        ) from None
+        raise _write_error(path, e) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -256,6 +251,45 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _write_error(path: Path, cause: OSError) -> UserError:
+    reason = _WRITE_ERRORS.get(cause.errno or 0) or cause.strerror or str(cause)
+    return UserError(
+        f"Cannot write {path}: {reason} ({free_space(path.parent)} on its file system); the partial "
+        f"file was removed and any earlier file of that name is intact. Free some space (or choose "
+        f"another folder) and rerun the same command: training resumes from its newest complete checkpoint."
+    )
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(f)`` (a binary file object) by :func:`atomic_path`.
+
+    ``torch.save`` reports a failed write as a ``RuntimeError`` that names neither the cause nor the
+    file; the file object handed to ``write`` remembers the ``OSError`` so that it becomes the same
+    clear :class:`UserError` as any other failed write.
+    """
+    path = Path(path)
+    rec: Optional[_Recorder] = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            rec = _Recorder(f)
+            write(rec)  # type: ignore[arg-type]
+    except RuntimeError:
+        if rec is None or rec.error is None:
+            raise  # a RuntimeError that is not a failed write: a bug, keep its traceback
+        raise _write_error(path, rec.error) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
+def save_json(obj: Any, path: Path, indent: int = 2, sort_keys: bool = True) -> None:
+    """Write ``obj`` (made plain by :func:`to_plain`) as JSON to ``path`` atomically."""
+    write_text(path, json.dumps(to_plain(obj), indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def _remove(path: Path) -> None:
@@ -276,12 +310,6 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")
     return str(obj)
-
-
-def save_json(obj: Any, path: Path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(to_plain(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def append_jsonl(obj: Dict[str, Any], path: Path) -> None:

@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from util import dist as dist_util
+from util.errors import EXIT_PREEMPTED, UserError
+from util.misc import write_text
 
 import torch
 import torch.distributed as dist
 
 _log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 3  # exit status: stopped by a signal after writing checkpoint-last.pth; rerun to continue
 PREEMPTED_FILE_VAR = "DEEPMIM_PREEMPTED_FILE"  # where rank 0 writes the preemption marker (see above)
 # the signals we handle, by precedence: when ranks received different ones, SIGTERM (end of the
 # job) wins over SIGUSR1 (time-limit warning, requeue)
@@ -143,18 +144,11 @@ def write_preempted_marker(signal_name: str, requeued: Optional[str], checkpoint
         return False
     text = (f"signal={signal_name}\nrequeued={requeued or ''}\ncheckpoint={checkpoint}\n"
             f"message={' '.join(message.split())}\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
+        write_text(Path(path), text)
+    except UserError as e:
         _log.warning("cannot write %s=%s (%s): exiting with status %d instead", PREEMPTED_FILE_VAR, path,
-                     e.strerror or e, EXIT_PREEMPTED)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+                     e, EXIT_PREEMPTED)
         return False
     return True
 

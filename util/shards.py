@@ -51,7 +51,6 @@ later epochs are complete again.
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ from util.datasets import NO_LABEL, build_digits, building, cache_root, finish_i
 from util.decode import EncodedImage, collate, open_rgb
 from util.errors import UserError
 from util.loader import build_loader
-from util.misc import derive_seed, seed_host
+from util.misc import atomic_path, derive_seed, save_json, seed_host
 
 import numpy as np
 from PIL import Image
@@ -204,12 +203,6 @@ def labelled_shards(data_path: str, split: str = "train") -> ShardSet:
 # writing
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def brace_spec(folder: Path, prefix: str, n_shards: int, width: int) -> str:
     """``folder/prefix-{000000..000009}.tar`` (a single shard: its name)."""
     if n_shards == 1:
@@ -243,9 +236,9 @@ def write_shards(src: Path, output: Path, split: str, shard_size: int, seed: Opt
     shards = []
     for k in range(n_shards):
         name = f"{split}-{k:0{width}d}.tar"
-        tmp = output / f".{name}.tmp"
         ids = order[k * shard_size:(k + 1) * shard_size]
-        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0, user="deepmim", group="deepmim") as tar:
+        with (atomic_path(output / name) as tmp, open(tmp, "wb") as f,
+              wds.TarWriter(f, encoder=False, mtime=0.0, user="deepmim", group="deepmim") as tar):
             for i in ids:
                 path, label = folder.samples[i]
                 data = Path(path).read_bytes()
@@ -255,14 +248,13 @@ def write_shards(src: Path, output: Path, split: str, shard_size: int, seed: Opt
                     raise UserError(f"Cannot read image {path}: {e}. Remove or replace the file.") from None
                 ext = Path(path).suffix.lower().lstrip(".")
                 tar.write({"__key__": f"{int(i):08d}", ext: data, "cls": str(label).encode()})
-        os.replace(tmp, output / name)
         shards.append({"name": name, "count": int(len(ids))})
         if log is not None and (k + 1 == n_shards or (k + 1) % max(1, n_shards // 10) == 0):
             log(f"{split}: {k + 1}/{n_shards} shards, {sum(s['count'] for s in shards)} images")
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "split": split, "num_samples": len(order),
              "classes": list(folder.classes), "shard_size": shard_size, "shuffle_seed": seed,
              "keys": "index of the image in the sorted ImageFolder split", "labelled": True, "shards": shards}
-    _atomic_json(output / f"{split}.json", index)
+    save_json(index, output / f"{split}.json", indent=1, sort_keys=False)
     return brace_spec(output, split, n_shards, width), index
 
 
@@ -293,7 +285,7 @@ def index_shards(spec: str, output: Optional[str] = None) -> Tuple[str, Dict[str
              "num_samples": sum(s["count"] for s in shards),
              "classes": [str(c) for c in range(top + 1)] if labelled else [], "labelled": labelled,
              "keys": "as written by the tool that made the shards", "shards": shards}
-    _atomic_json(Path(dest), index)
+    save_json(index, Path(dest), indent=1, sort_keys=False)
     return dest, index
 
 
