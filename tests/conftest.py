@@ -31,34 +31,40 @@ LIBRARY_DIRS = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "
                 "HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
 
 
-SYSTEM_TEMP = tempfile.gettempdir()  # before any fixture points TMPDIR elsewhere
-
-
-def _temp_entries() -> set:
-    """The system temp directory's entries, less pytest's own ``pytest-of-<user>`` (tmp_path lives there)."""
-    return {n for n in os.listdir(SYSTEM_TEMP) if not n.startswith("pytest-of-")}
-
-
+@pytest.hookimpl(trylast=True)  # after pytest's own: tmp_path's factory exists
 def pytest_configure(config):
     """One torch thread in the test processes and in every process a test starts: the tensors are tiny,
     pytest-xdist runs one worker per core, and busy-waiting OpenMP threads of several processes on a
     2-core machine slow everything down. It also makes the numbers of an in-process run equal to those
-    of a started process (a float sum's rounding follows the thread count)."""
+    of a started process (a float sum's rounding follows the thread count).
+
+    The controller (or the only process) gives the run a temp directory of its own: ``TMPDIR``,
+    inherited by the xdist workers and by every process they start, points into a fresh folder, and
+    :func:`pytest_sessionfinish` fails the run if anything is left in it. The system temp directory
+    itself is shared with every other process of the machine, so comparing it would blame this run for
+    their files; pytest's ``tmp_path`` folders are made first, where they always are."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    if not hasattr(config, "workerinput"):  # the controller, or the only process
-        config._temp_before = _temp_entries()
+    if hasattr(config, "workerinput"):
+        return
+    libs = config._tmp_path_factory.mktemp("library_dirs")  # tmp_path's root, in the system temp directory as usual
+    for name in LIBRARY_DIRS:  # before any test module imports a library
+        os.environ[name] = str(libs / name.lower())
+    config._run_temp = tempfile.mkdtemp(prefix="deepmim-tests-")
+    os.environ["TMPDIR"] = config._run_temp
+    tempfile.tempdir = None  # tempfile reads TMPDIR again
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The run, all its workers and every process they started, left nothing in the system temp directory."""
-    before = getattr(session.config, "_temp_before", None)
-    if before is None:
+    """The run, all its workers and every process they started, left nothing in the run's temp directory."""
+    run_temp = getattr(session.config, "_run_temp", None)
+    if run_temp is None:
         return
-    left = sorted(_temp_entries() - before)
+    left = sorted(os.listdir(run_temp))
+    shutil.rmtree(run_temp, ignore_errors=True)
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.write_line(f"FAILED: the tests left {len(left)} entries in {SYSTEM_TEMP}: {left[:10]}",
+        reporter.write_line(f"FAILED: the tests left {len(left)} entries in the temp directory: {left[:10]}",
                             red=True)
         session.exitstatus = 1
 
@@ -77,13 +83,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """Every test (and every process it starts) writes the built-in digits to a private cache, and the
-    libraries' caches (matplotlib, torch.compile, W&B, ...) to private folders."""
+    """Every test (and every process it starts) writes the built-in digits to a private cache (the
+    libraries' caches, matplotlib, torch.compile, W&B, ..., are the run's: :func:`pytest_configure`)."""
     cache = tmp_path_factory.mktemp("cache")
     os.environ["DEEPMIM_CACHE"] = str(cache)
-    libs = tmp_path_factory.mktemp("library_dirs")
-    for name in LIBRARY_DIRS:
-        os.environ[name] = str(libs / name.lower())
     # the processes the tests start (and kill): their temp files (multiprocessing's pymp-*, torchrun's
     # logs) in a folder of this run; a test that needs its own passes TMPDIR itself (clean_env(tmp_path))
     os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
@@ -183,6 +186,12 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], 
     for k in a:
         x, y = a[k].float(), b[k].float()
         assert torch.allclose(x, y, atol=atol, rtol=0), (k, (x - y).abs().max().item())
+
+
+# the k-NN and reconstruction monitors' defaults (on for a folder with val/) add seconds of feature
+# extraction to every epoch; tests whose contract is not the monitors turn them off (tests/test_monitor.py
+# covers them, including that they do not change what training computes)
+NO_MONITORS = ("--knn_every", "0", "--recon_every", "0")
 
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")

@@ -9,6 +9,7 @@ from util.errors import UserError
 
 import pytest
 import torch
+from conftest import NO_MONITORS
 from test_serialization import CarriesPayload, RunsCode, mae_args
 
 import main_finetune
@@ -26,7 +27,8 @@ FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu
             "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-3", "--aa", "none",
             "--reprob", "0", "--log_every", "100"]
 PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
-            "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "100"]
+            "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "100",
+            *NO_MONITORS]
 SEG = ["--model", "vit_tiny_patch4", "--out_indices", "1,2,3,4", "--device", "cpu", "--amp", "none", "--crop_size", "32",
        "--img_scale", "128", "32", "--stride", "21", "--channels", "16", "--aux_channels", "8", "--batch_size", "4",
        "--num_workers", "0", "--iters", "2", "--warmup_iters", "1", "--log_every", "1", "--eval_every", "100",

@@ -23,7 +23,7 @@ from util.trainer import rescale_step
 import dist_step
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, clean_env, free_port, run_script, weights
+from conftest import NO_MONITORS, ROOT, assert_same_weights, clean_env, free_port, run_script, weights
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
@@ -32,7 +32,7 @@ import main_pretrain
 
 PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
             "--batch_size", "4", "--accum_iter", "2", "--epochs", "1", "--warmup_epochs", "1", "--blr", "1e-3",
-            "--log_every", "1", "--save_every", "1", "--stop_check_every", "1"]
+            "--log_every", "1", "--save_every", "1", "--stop_check_every", "1", *NO_MONITORS]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +259,7 @@ FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu
             "--log_every", "100", "--stop_check_every", "1"]
 
 
+@pytest.mark.slow  # siblings: test_trainer's in-process SIGTERM of every job, test_reliability's torchrun SIGTERM
 def test_sigusr1_in_a_slurm_job_checkpoints_requeues_once_and_finetuning_resumes(small_folder, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(small_folder, data)

@@ -7,10 +7,10 @@ from util.errors import UserError
 
 import pytest
 import torch
-from conftest import read_log, run_pretrain, run_script
+from conftest import NO_MONITORS, read_log, run_pretrain, run_script
 
 FAST = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--batch_size", "16", "--num_workers", "0",
-        "--device", "cpu", "--log_every", "5", "--save_every", "1"]
+        "--device", "cpu", "--log_every", "5", "--save_every", "1", *NO_MONITORS]
 
 
 def pretrain(*args):

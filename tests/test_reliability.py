@@ -31,7 +31,7 @@ from util.runner import start_run
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, clean_env
+from conftest import NO_MONITORS, ROOT, clean_env
 from PIL import Image
 from test_distributed import PRETRAIN, first_sample_of, popen, replace_by_pipe
 
@@ -40,7 +40,7 @@ import models_deepmim
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
         "--batch_size", "16", "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "100",
-        "--save_every", "1"]
+        "--save_every", "1", *NO_MONITORS]
 
 
 def cli(*args) -> int:

@@ -396,6 +396,7 @@ def test_a_non_finite_loss_stops_before_any_checkpoint(synthetic, tmp_path):
     assert not list(tmp_path.glob("checkpoint-*.pth"))
 
 
+@pytest.mark.slow  # siblings: test_loaders' segmentation SIGTERM with loader workers, test_trainer's [pretrain]
 def test_sigterm_writes_checkpoint_last_and_the_rerun_continues(synthetic, tmp_path):
     """Preemption in iteration-based training: the same runner mechanism as the epoch-based scripts."""
     import signal

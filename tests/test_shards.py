@@ -28,8 +28,10 @@ from util.shards import (
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, free_port, run_script
+from conftest import ROOT, free_port
 from torchvision.transforms import functional as F
+
+from tools import make_shards
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,10 @@ def test_digits_shards_hold_the_folders_images_and_labels(digits_root):
         assert seen == set(range(len(folder.samples)))
 
 
-def test_writer_is_deterministic_and_prints_the_spec(small_folder, small_shards, tmp_path):
-    proc = run_script("tools/make_shards.py", "--data_path", small_folder, "--output", tmp_path, "--shard_size", "10",
-                      "--splits", "train")
-    assert f"{tmp_path}/train-{{000000..000007}}.tar" in proc.stdout
+def test_writer_is_deterministic_and_prints_the_spec(small_folder, small_shards, tmp_path, capsys):
+    make_shards.main(make_shards.get_args_parser().parse_args(
+        ["--data_path", str(small_folder), "--output", str(tmp_path), "--shard_size", "10", "--splits", "train"]))
+    assert f"{tmp_path}/train-{{000000..000007}}.tar" in capsys.readouterr().out
     for name in [f"train-{k:06d}.tar" for k in range(8)] + ["train.json"]:
         assert (tmp_path / name).read_bytes() == (small_shards / name).read_bytes(), name
     index = json.loads((tmp_path / "train.json").read_text())

@@ -12,7 +12,7 @@ from util.errors import Preempted, UserError
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, read_log, run_finetune, weights
+from conftest import NO_MONITORS, ROOT, assert_same_weights, read_log, run_finetune, weights
 
 import main_finetune
 import main_linprobe
@@ -22,7 +22,7 @@ from Segmentation import train as seg_train
 
 TINY_PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
                  "--batch_size", "16", "--num_workers", "0", "--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-3",
-                 "--log_every", "2", "--save_every", "1", "--stop_check_every", "1"]
+                 "--log_every", "2", "--save_every", "1", "--stop_check_every", "1", *NO_MONITORS]
 TINY_FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--device", "cpu", "--batch_size", "16",
                  "--num_workers", "0", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--aa", "none",
                  "--reprob", "0", "--log_every", "2", "--save_every", "1", "--stop_check_every", "1"]
@@ -60,7 +60,8 @@ JOBS = {
 }
 
 
-@pytest.mark.parametrize("job", list(JOBS))
+@pytest.mark.parametrize("job", [  # finetune and segment in test-all; siblings: tests/test_loaders.py's SIGTERM
+    *(pytest.param(j, marks=pytest.mark.slow) if j in ("finetune", "segment") else j for j in JOBS)])  # of both
 def test_every_job_stops_on_sigterm_mid_run_and_resumes_as_if_never_stopped(job, small_folder, tiny_checkpoint,
                                                                              tmp_path, monkeypatch):
     module, flags, data_cls, index = JOBS[job]
@@ -151,6 +152,7 @@ def test_a_kill_during_the_epoch_commit_loses_and_duplicates_nothing(kill_after,
         assert_same_weights(a["model"], b["model"])
 
 
+@pytest.mark.slow  # siblings: the kill -9 after checkpoint-last.pth above, test_distributed's partial log line
 def test_a_kill_after_a_segmentation_log_line_does_not_repeat_it(tmp_path):
     out = tmp_path / "seg"
     argv = [*TINY_SEG, "--output_dir", str(out)]
