@@ -151,13 +151,13 @@ def test_mixed_ds_targets_train_and_the_teacher_runs_once_per_step(small_folder,
     out = tmp_path / "mixed"
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
-        pretrain("--data_path", small_folder, "--output_dir", out, "--epochs", 5, "--warmup_epochs", 1,
+        pretrain("--data_path", small_folder, "--output_dir", out, "--epochs", 3, "--warmup_epochs", 1,
                  "--blr", "2e-3", "--clip_path", tiny_clip["state_dict"], "--ds_targets", "hog,pixel,clip,clip",
                  "--knn_every", 0, "--recon_every", 0)  # the monitors' forwards are not training steps
     finally:
         handle.remove()
     assert_layer_losses_went_down(out)
-    steps = 5 * (80 // 16)  # 5 epochs of 80 images in batches of 16
+    steps = 3 * (80 // 16)  # 3 epochs of 80 images in batches of 16
     assert calls == {"teacher": steps, "blocks": 2 * steps}  # once per step for two layers; 2 blocks per forward
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert ckpt["model_cfg"]["pred_dims"] == [27, 48, 32, 32]  # HOG 1 cell x 3 x 9; 4x4x3 pixels; CLIP proj
