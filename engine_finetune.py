@@ -1,25 +1,26 @@
 """The classification job (fine-tuning and linear probing): the loss, evaluation, the best checkpoint.
 
 Used by ``main_finetune.py`` and ``main_linprobe.py``: the two differ only in model, optimizer and
-augmentation, never in how an epoch runs or how accuracy is counted. The loop is ``util/trainer.py``.
+augmentation, never in how an epoch runs or how accuracy is counted. The loop is ``util/run/trainer.py``.
 """
 import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from util import checkpoint as ckpt_util
-from util import convert
-from util import dist as dist_util
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
-from util.data import check_data
-from util.data import classification_data as build_classification_data
-from util.datasets import AugConfig, check_augmentation, with_decode
-from util.errors import UserError
-from util.lr_sched import cosine_schedule
-from util.misc import autocast, fmt_seconds, make_scaler
-from util.runner import Run
-from util.trainer import Commit, Job, Trainer, epoch_trainer_config
+from util.checkpoints import convert
+from util.checkpoints import reader as ckpt_util
+from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.data.build import check_data
+from util.data.build import classification_data as build_classification_data
+from util.data.datasets import AugConfig, check_augmentation, with_decode
+from util.run import dist as dist_util
+from util.run.amp import autocast, make_scaler
+from util.run.errors import UserError
+from util.run.logs import fmt_seconds
+from util.run.lr_sched import cosine_schedule
+from util.run.runner import Run
+from util.run.trainer import Commit, Job, Trainer, epoch_trainer_config
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ class ClassifyConfig:
 
     def validate(self, timm_augment: bool) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the
-        parser's, ``util/cli.py``): the model name, ``--probe_layer`` within its depth, timm's
+        parser's, ``util/config/cli.py``): the model name, ``--probe_layer`` within its depth, timm's
         ``--aa`` policy (``timm_augment``: fine-tuning), the data folders and the schedule. Returns
         warnings for ``start_run`` to log."""
         m = self.model

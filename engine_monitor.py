@@ -24,17 +24,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from util import dist as dist_util
 from util import knn
-from util.cli import increasing, nonneg_int, positive_float, positive_int, str2list
-from util.config import FlagConfig
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.datasets import eval_transform, holds_images, image_folder, resolve_data_path
-from util.errors import UserError
-from util.loader import build_loader
-from util.misc import autocast
-from util.runner import Run
-from util.shards import is_shard_spec
+from util.config.cli import increasing, nonneg_int, positive_float, positive_int, str2list
+from util.config.typed import FlagConfig
+from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.data.datasets import eval_transform, holds_images, image_folder, resolve_data_path
+from util.data.loader import build_loader
+from util.data.shards import is_shard_spec
+from util.run import dist as dist_util
+from util.run.amp import autocast
+from util.run.errors import UserError
+from util.run.runner import Run
 
 import torch
 from torch import nn

@@ -1,9 +1,9 @@
 """The pre-training job: the targets of one batch (each teacher runs once per step), the DeepMIM
 forward and its loss, the cosine schedule, and at epoch ends the monitor (k-NN accuracy,
-reconstructions: ``engine_monitor.py``). The loop itself is ``util/trainer.py``."""
+reconstructions: ``engine_monitor.py``). The loop itself is ``util/run/trainer.py``."""
 from typing import Any, Dict, List, Optional, Sequence
 
-from util.trainer import Commit, Job, Trainer
+from util.run.trainer import Commit, Job, Trainer
 
 import torch
 from torch import nn

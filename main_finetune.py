@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import logging
 
-from util.cli import (
+from util.checkpoints.convert import load_encoder
+from util.config.cli import (
     Parser,
     StrictPair,
     add_classification_args,
@@ -22,11 +23,10 @@ from util.cli import (
     probability,
     rate,
 )
-from util.convert import load_encoder
-from util.datasets import eval_transform, finetune_transform
-from util.misc import run_cli
-from util.optim import adamw, layer_decay_groups
-from util.runner import Run, start_run
+from util.data.datasets import eval_transform, finetune_transform
+from util.run.errors import run_cli
+from util.run.optim import adamw, layer_decay_groups
+from util.run.runner import Run, start_run
 
 import torch
 from timm.data import Mixup

@@ -15,12 +15,11 @@ import dataclasses
 import logging
 from typing import List
 
-from util.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
-from util.convert import load_encoder
-from util.datasets import eval_transform, linprobe_transform
-from util.errors import UserError
-from util.misc import run_cli
-from util.runner import Run, start_run
+from util.checkpoints.convert import load_encoder
+from util.config.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
+from util.data.datasets import eval_transform, linprobe_transform
+from util.run.errors import UserError, run_cli
+from util.run.runner import Run, start_run
 
 import torch
 from timm.layers import trunc_normal_

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from util.cli import (
+from util.config.cli import (
     Parser,
     add_optim_args,
     add_run_args,
@@ -24,14 +24,16 @@ from util.cli import (
     set_help,
     str2list,
 )
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
-from util.data import build_train_data, check_pretrain_data
-from util.datasets import pretrain_transform
-from util.lr_sched import cosine_schedule
-from util.misc import WandB, make_scaler, run_cli
-from util.optim import adamw, weight_decay_groups
-from util.runner import Run, start_run
-from util.trainer import Trainer, epoch_trainer_config
+from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.data.build import build_train_data, check_pretrain_data
+from util.data.datasets import pretrain_transform
+from util.run.amp import make_scaler
+from util.run.errors import run_cli
+from util.run.logs import WandB
+from util.run.lr_sched import cosine_schedule
+from util.run.optim import adamw, weight_decay_groups
+from util.run.runner import Run, start_run
+from util.run.trainer import Trainer, epoch_trainer_config
 
 import torch
 
@@ -143,7 +145,7 @@ class PretrainConfig:
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the
-        parser's, ``util/cli.py``): the model config (name, ``--ds_layers`` / ``--ds_weights``,
+        parser's, ``util/config/cli.py``): the model config (name, ``--ds_layers`` / ``--ds_weights``,
         ``--input_size``, heads dividing widths), the mask ratio on its patch grid, the targets'
         names, the data folder and the schedule. Returns warnings for ``start_run`` to log."""
         cfg = self.model.model_config()  # cheap: a dataclass, no weights

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from util.errors import UserError
-from util.pos_embed import sincos_2d
-from util.registry import VIT_ARCHS, Registry
+from util.checkpoints.pos_embed import sincos_2d
+from util.config.registry import VIT_ARCHS, Registry
+from util.run.errors import UserError
 
 import torch
 from timm.layers import PatchEmbed

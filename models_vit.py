@@ -10,9 +10,9 @@ import logging
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence
 
-from util import convert
-from util.errors import UserError
-from util.registry import VIT_ARCHS, Registry, vit_heads
+from util.checkpoints import convert
+from util.config.registry import VIT_ARCHS, Registry, vit_heads
+from util.run.errors import UserError
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -104,7 +104,7 @@ def create_model(name: str, **kwargs: Any) -> ViT:
 
 def from_checkpoint(source: str, name: Optional[str] = None, img_size: Optional[int] = None,
                     num_heads: Optional[int] = None, **kwargs: Any) -> ViT:
-    """A ViT holding the encoder of any checkpoint :func:`util.convert.read_encoder` reads (eval mode).
+    """A ViT holding the encoder of any checkpoint :func:`util.checkpoints.convert.read_encoder` reads (eval mode).
 
     The one "encoder from a checkpoint" builder (:func:`build_from` on the file's tensors): analysis
     tools, teachers and evaluation use it. Keyword arguments go to the ViT (``num_classes``,

@@ -35,8 +35,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util.datasets import cache_root
-from util.errors import UserError
+from util.data.datasets import cache_root
+from util.run.errors import UserError
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@
 * :func:`evaluate`: the loop: inference on this process's shard, gather, evaluation on rank 0,
   optionally the results JSON (``coco_instances_results.json`` in detectron2's naming).
 
-Evaluation is sharded over the processes without padding (``util.datasets.ShardSampler``), so every
+Evaluation is sharded over the processes without padding (``util.data.datasets.ShardSampler``), so every
 image is predicted once; the gathered list holds the image ids as well, so an image without any
 detection still counts in the AP.
 """
@@ -22,8 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from util import dist as dist_util
-from util.misc import write_atomic
+from util.checkpoints.files import write_atomic
+from util.run import dist as dist_util
 
 import numpy as np
 import torch

@@ -19,10 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from util.cli import Parser, positive_int, seed_int
-from util.datasets import building
-from util.errors import UserError
-from util.misc import run_cli
+from util.config.cli import Parser, positive_int, seed_int
+from util.data.datasets import building
+from util.run.errors import UserError, run_cli
 
 import numpy as np
 from PIL import Image, ImageDraw

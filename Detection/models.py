@@ -5,14 +5,14 @@ The reference is detectron2's ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_
 
 * **backbone** (``backbone.net``): the plain ViT with MAE / timm parameter names (``patch_embed.proj``,
   ``pos_embed``, ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``), so every
-  pre-training checkpoint loads through :func:`util.convert.load_encoder`. Its blocks are timm's
+  pre-training checkpoint loads through :func:`util.checkpoints.convert.load_encoder`. Its blocks are timm's
   ``vision_transformer_sam.Block``: ViTDet's block, with windowed attention (window 14, zero padding to
   a multiple of the window) in every block except the global ones (ViT-B: 3, 6, 9, 12, 1-based) and
   decomposed relative position biases ``attn.rel_pos_h`` / ``rel_pos_w`` (zero-initialised: the
   parameters a pre-trained encoder lacks). No cls token and no final norm. The stored absolute
   position table keeps the pre-training grid and its cls row (detectron2's ``pretrain_use_cls_token``);
   each forward drops the cls row and resizes the table to the input's grid with the repo's one rule,
-  :func:`util.pos_embed.resize_pos_embed`.
+  :func:`util.checkpoints.pos_embed.resize_pos_embed`.
 * **simple feature pyramid** (``backbone.simfp_{k}``, detectron2's names): from the stride-16 map,
   scale 4 (deconv, LayerNorm, GELU, deconv), 2 (deconv), 1, 1/2 (max-pool), each followed by a 1x1 and
   a 3x3 conv without bias, each with a channel LayerNorm; ``p6`` = stride-2 max-pool of ``p5``.
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.convert import load_encoder
-from util.errors import UserError
-from util.pos_embed import resize_pos_embed
-from util.registry import VIT_ARCHS, Registry
+from util.checkpoints.convert import load_encoder
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.config.registry import VIT_ARCHS, Registry
+from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.run.errors import UserError
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +144,7 @@ class PlainViT(nn.Module):
         super().__init__()
         grid = cfg.img_size // cfg.patch_size
         # img_size here only sets patch_embed.grid_size, the stored table's grid, which
-        # util.convert.adapt_to_vit resizes a checkpoint's table to; any input size is accepted
+        # util.checkpoints.convert.adapt_to_vit resizes a checkpoint's table to; any input size is accepted
         self.patch_embed = PatchEmbed(img_size=cfg.pretrain_img_size, patch_size=cfg.patch_size,
                                       embed_dim=cfg.embed_dim, output_fmt="NHWC", strict_img_size=False)
         pretrain_grid = cfg.pretrain_img_size // cfg.patch_size
@@ -340,7 +340,7 @@ class ViTDetMaskRCNN(MaskRCNN):
         self.transform = ViTDetTransform(cfg.img_size, strides[-1])
         self.cfg = cfg
 
-    # the uniform model API (util.optim.layer_decay_groups): ViTDet's layer ids, the embeddings 0, block
+    # the uniform model API (util.run.optim.layer_decay_groups): ViTDet's layer ids, the embeddings 0, block
     # i (0-based) i + 1, everything else (pyramid, heads) depth + 1
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^backbone\.net\.(?:pos_embed|patch_embed)", blocks=[(r"^backbone\.net\.blocks\.(\d+)", None)])

@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
-from util.checkpoint import read_checkpoint, save_atomic
-from util.cli import Parser
-from util.errors import UserError
-from util.registry import vit_heads
+from util.checkpoints.reader import read_checkpoint, save_atomic
+from util.config.cli import Parser
+from util.config.registry import vit_heads
+from util.run.errors import UserError
 
 import numpy as np
 import torch
@@ -219,6 +219,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from util.misc import run_cli
+    from util.run.errors import run_cli
 
     run_cli(main, get_args_parser().parse_args())

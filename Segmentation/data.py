@@ -20,10 +20,10 @@ import logging
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from util.datasets import SeededDataset, cache_root
-from util.errors import UserError
-from util.loader import build_loader
-from util.misc import derive_seed
+from util.data.datasets import SeededDataset, cache_root
+from util.data.loader import build_loader
+from util.run.errors import UserError
+from util.run.seed import derive_seed
 
 import numpy as np
 import torch
@@ -259,7 +259,7 @@ def normalize(img: np.ndarray) -> torch.Tensor:
 
 class TrainTransform:
     """mmseg's ADE20K training pipeline after loading (draws from numpy's global generator, which
-    :class:`util.datasets.SeededDataset` seeds per sample)."""
+    :class:`util.data.datasets.SeededDataset` seeds per sample)."""
 
     def __init__(self, crop_size: int = 512, img_scale: Sequence[int] = (2048, 512),
                  ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
@@ -347,7 +347,7 @@ class IterationSampler(Sampler):
 
 
 class IterationData:
-    """The training data of iteration-based training, read by global step (``util.trainer.TrainData``):
+    """The training data of iteration-based training, read by global step (``util.run.trainer.TrainData``):
     the batches of iterations ``start_step .. iters - 1`` of this rank (:class:`IterationSampler`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, iters: int,

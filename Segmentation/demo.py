@@ -9,8 +9,9 @@ short warm-up.
 import argparse
 import time
 
-from util.cli import Parser, nonneg_int, positive_int
-from util.misc import fmt_seconds, run_cli
+from util.config.cli import Parser, nonneg_int, positive_int
+from util.run.errors import run_cli
+from util.run.logs import fmt_seconds
 
 import torch
 

@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from util import dist as dist_util
-from util.errors import UserError
-from util.misc import autocast
+from util.run import dist as dist_util
+from util.run.amp import autocast
+from util.run.errors import UserError
 
 import torch
 import torch.nn.functional as F

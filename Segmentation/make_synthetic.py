@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Tuple
 
-from util.cli import Parser, positive_int, seed_int
-from util.errors import UserError
-from util.misc import run_cli
+from util.config.cli import Parser, positive_int, seed_int
+from util.run.errors import UserError, run_cli
 
 import numpy as np
 from PIL import Image, ImageDraw

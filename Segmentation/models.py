@@ -24,9 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util.convert import load_encoder
-from util.errors import UserError
-from util.pos_embed import resize_pos_embed
+from util.checkpoints.convert import load_encoder
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.run.errors import UserError
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +269,7 @@ class Segmentor(nn.Module):
         logits, _ = self(x)
         return resize(logits, x.shape[2:])[:, :, :h, :w]
 
-    # layer-wise lr decay (util.optim.layer_decay_groups): stem 0, block i -> i, necks and heads last
+    # layer-wise lr decay (util.run.optim.layer_decay_groups): stem 0, block i -> i, necks and heads last
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^backbone\.(?:cls_token|pos_embed|patch_embed)", blocks=[(r"^backbone\.blocks\.(\d+)", None)])
 

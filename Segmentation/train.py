@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util import checkpoint as ckpt_util
-from util import convert
-from util import dist as dist_util
-from util.cli import (
+from util.checkpoints import convert
+from util.checkpoints import reader as ckpt_util
+from util.config.cli import (
     OrderedPair,
     Parser,
     add_adamw_args,
@@ -38,13 +37,16 @@ from util.cli import (
     share,
     str2list,
 )
-from util.config import FlagConfig, RunConfig, TrainConfig, flag_dict
-from util.datasets import eval_loader
-from util.lr_sched import poly_schedule
-from util.misc import fmt_seconds, make_scaler, run_cli
-from util.optim import adamw, layer_decay_groups
-from util.runner import Run, start_run
-from util.trainer import Commit, Job, Trainer, TrainerConfig
+from util.config.typed import FlagConfig, RunConfig, TrainConfig, flag_dict
+from util.data.datasets import eval_loader
+from util.run import dist as dist_util
+from util.run.amp import make_scaler
+from util.run.errors import run_cli
+from util.run.logs import fmt_seconds
+from util.run.lr_sched import poly_schedule
+from util.run.optim import adamw, layer_decay_groups
+from util.run.runner import Run, start_run
+from util.run.trainer import Commit, Job, Trainer, TrainerConfig
 
 import torch
 from torch import nn
@@ -175,7 +177,7 @@ class SegFlags(FlagConfig):
 
     def validate(self, train: TrainConfig) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the
-        parser's, ``util/cli.py``): the model (name, ``--out_indices`` within its depth, ``--crop_size``
+        parser's, ``util/config/cli.py``): the model (name, ``--out_indices`` within its depth, ``--crop_size``
         vs its patch size), the sliding windows and resize scales, the data folders, the schedule.
         Returns warnings for ``start_run`` to log."""
         with torch.device("meta"):  # the architecture only: no memory, no initialisation cost

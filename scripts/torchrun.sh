@@ -10,7 +10,7 @@
 # Why a wrapper: torchrun takes any non-zero exit of a worker for a failure. On the first one it
 # SIGTERMs the others, prints its ChildFailedError report and exits 1, so a clean stop (status 3)
 # would read as a crash. Here the workers report a clean stop in a marker file instead
-# (DEEPMIM_PREEMPTED_FILE, util/preempt.py) and exit 0; torchrun ends quietly and this script exits 3.
+# (DEEPMIM_PREEMPTED_FILE, util/run/preempt.py) and exit 0; torchrun ends quietly and this script exits 3.
 #
 # Signals: SIGTERM, SIGINT (Ctrl-C) and SIGHUP sent to this script reach the training processes as
 # SIGTERM, SIGUSR1 as SIGUSR1, not torchrun: they finish the current step, write checkpoint-last.pth

@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-from util.config import FlagConfig
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError
+from util.config.typed import FlagConfig
+from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.run.errors import UserError
 
 import torch
 import torch.nn.functional as F

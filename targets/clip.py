@@ -4,7 +4,7 @@
 
 * OpenAI's CLIP checkpoint as distributed (``ViT-B-16.pt``): a TorchScript archive. Its tensors are
   taken out of the archive without ``torch.jit.load`` (which would run the archive's code):
-  ``util.serialization.load_torchscript_state_dict``;
+  ``util.checkpoints.serialization.load_torchscript_state_dict``;
 * a plain state dict with ``visual.*`` keys (what the reference DeepMIM code expects), also with a
   ``module.`` prefix or the image tower alone (``conv1.weight``, ..., ``proj``);
 * an open_clip checkpoint (``{'state_dict': ...}`` from open_clip training, or its ``.safetensors``
@@ -21,10 +21,10 @@ import logging
 import os
 from typing import Dict, Optional, Sequence
 
-from util.checkpoint import read_checkpoint
-from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError
-from util.registry import vit_heads
+from util.checkpoints.reader import read_checkpoint
+from util.config.registry import vit_heads
+from util.data.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from util.run.errors import UserError
 
 import torch
 from torch import nn

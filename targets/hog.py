@@ -29,7 +29,7 @@ the votes of a cell are summed in another order.
 import math
 from typing import Optional, Tuple
 
-from util.errors import UserError
+from util.run.errors import UserError
 
 import torch
 import torch.nn.functional as F

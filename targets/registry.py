@@ -7,8 +7,8 @@ Each distinct target is built once and runs once per step, however many supervis
 import logging
 from typing import Dict, List, Tuple
 
-from util.errors import UserError
-from util.registry import Registry
+from util.config.registry import Registry
+from util.run.errors import UserError
 
 from targets.base import Student, Target, TargetConfig, check_grid
 from targets.clip import CLIPTeacher, load_clip_visual

@@ -27,10 +27,10 @@ import difflib
 import os
 from typing import Callable, Optional, Sequence
 
-from util.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from util.convert import HEAD_PREFIXES, read_encoder
-from util.errors import UserError
-from util.pos_embed import resize_pos_embed
+from util.checkpoints.convert import HEAD_PREFIXES, read_encoder
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.data.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from util.run.errors import UserError
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ def _at_size(build: Callable[..., nn.Module], size: int) -> nn.Module:
 
     Built at the size its weights were made for; a learned absolute position embedding is then
     resized by this repo's one rule (MAE's ``interpolate_pos_embed``:
-    :func:`util.pos_embed.resize_pos_embed`), not by timm's loader (which uses the antialiased
+    :func:`util.checkpoints.pos_embed.resize_pos_embed`), not by timm's loader (which uses the antialiased
     kernel). Models without such a table (rotary embeddings) are built at ``size`` by timm.
     """
     net = build(pretrained=True)

@@ -101,7 +101,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def digits_root(data_cache):
-    from util.datasets import resolve_data_path
+    from util.data.datasets import resolve_data_path
 
     return resolve_data_path("digits")
 

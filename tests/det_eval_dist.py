@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from util import dist as dist_util
-from util.datasets import ShardSampler
+from util.data.datasets import ShardSampler
+from util.run import dist as dist_util
 
 import torch
 from torch.utils.data import DataLoader

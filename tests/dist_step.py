@@ -4,7 +4,7 @@
     python tests/dist_step.py OUT                                     # one process: the whole batch
 
 Both use the repo's own pieces (``start_run``, the optimizer builders and the one trainer
-``util.trainer.Trainer``, which wraps the model in DDP) on a fixed batch of 8 images with fixed masking noise. Rank 0
+``util.run.trainer.Trainer``, which wraps the model in DDP) on a fixed batch of 8 images with fixed masking noise. Rank 0
 writes the updated weights and the gradients the step used to ``OUT/{pretrain,finetune}-w{world}.pt``.
 
 The gradients are compared too: AdamW's first step is ``lr * g / (|g| + eps)``, nearly blind to the
@@ -23,12 +23,12 @@ import os
 import sys
 from pathlib import Path
 
-from util.checkpoint import unwrap
-from util.config import RunConfig
-from util.lr_sched import cosine_schedule
-from util.optim import adamw, layer_decay_groups, weight_decay_groups
-from util.runner import start_run
-from util.trainer import Job, Trainer, TrainerConfig
+from util.checkpoints.reader import unwrap
+from util.config.typed import RunConfig
+from util.run.lr_sched import cosine_schedule
+from util.run.optim import adamw, layer_decay_groups, weight_decay_groups
+from util.run.runner import start_run
+from util.run.trainer import Job, Trainer, TrainerConfig
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy

@@ -10,8 +10,8 @@ with a batch size that splits the subsets into batches the two ranks share uneve
 import sys
 from pathlib import Path
 
-from util.config import RunConfig
-from util.runner import start_run
+from util.config.typed import RunConfig
+from util.run.runner import start_run
 
 import torch
 

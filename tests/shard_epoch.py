@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from util.datasets import pretrain_transform
-from util.shards import ShardData, open_shards
+from util.data.datasets import pretrain_transform
+from util.data.shards import ShardData, open_shards
 
 import torch
 import torch.distributed as dist

@@ -2,8 +2,8 @@
 import json
 import math
 
-from util import convert
-from util.errors import UserError
+from util.checkpoints import convert
+from util.run.errors import UserError
 
 import numpy as np
 import pytest
@@ -92,7 +92,7 @@ def test_one_pass_features_equal_the_per_layer_features(two_checkpoints, small_f
     model = models_vit.from_checkpoint(two_checkpoints[0])
     assert model.blocks[0].attn.num_heads == 3  # from the checkpoint's model_cfg (weights do not tell)
     assert models_vit.from_checkpoint(two_checkpoints[1]).blocks[0].attn.num_heads == 1  # 48 // 64, at least 1
-    from util.datasets import classification_datasets, eval_transform
+    from util.data.datasets import classification_datasets, eval_transform
 
     _, val, _ = classification_datasets(str(small_folder), None, eval_transform(16), need_train=False)
     feats, labels = probe_layers.extract_features(model, val, 16, ["token", "avg"], torch.device("cpu"))
@@ -364,7 +364,7 @@ def test_linprobe_recipe_commands_build_the_model_each_checkpoint_holds(tmp_path
 def test_attention_images_are_a_seeded_class_balanced_sample(small_folder):
     few = [0, 0, 0, 1, 1, 2]  # round robin: one of each class, then class 0 again (the others ran out)
     assert np.bincount(np.take(few, attention_analysis.balanced_sample(few, 4, seed=0))).tolist() == [2, 1, 1]
-    from util.datasets import classification_datasets, eval_transform
+    from util.data.datasets import classification_datasets, eval_transform
 
     _, val, _ = classification_datasets(str(small_folder), None, eval_transform(16), need_train=False)
     labels = np.asarray(val.targets)  # 4 images of each of 10 classes, class by class

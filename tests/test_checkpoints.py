@@ -3,9 +3,9 @@ reference DeepMIM / MAE ``save_model`` writes them load, files that would run co
 running it, and evaluation rebuilds the model the checkpoint holds."""
 import shutil
 
-from util import convert, hub
-from util.datasets import classification_datasets, eval_loader, eval_transform
-from util.errors import UserError
+from util.checkpoints import convert, hub
+from util.data.datasets import classification_datasets, eval_loader, eval_transform
+from util.run.errors import UserError
 
 import pytest
 import torch

@@ -3,12 +3,11 @@ exit 2 for each mistake, and a ``--help`` that shows every default (issues 13 an
 import argparse
 import shlex
 
-from util import cli
-from util.config import RunConfig, TrainConfig, flag_dict
-from util.datasets import check_folders
-from util.errors import UserError
-from util.misc import run_cli
-from util.runner import start_run
+from util.config import cli
+from util.config.typed import RunConfig, TrainConfig, flag_dict
+from util.data.datasets import check_folders
+from util.run.errors import UserError, run_cli
+from util.run.runner import start_run
 
 import pytest
 import torch

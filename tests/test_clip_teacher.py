@@ -1,4 +1,4 @@
-from util.errors import UserError
+from util.run.errors import UserError
 
 import pytest
 import torch

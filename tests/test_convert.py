@@ -6,8 +6,8 @@ import os
 import threading
 import zipfile
 
-from util import convert, serialization
-from util.errors import UserError
+from util.checkpoints import convert, serialization
+from util.run.errors import UserError
 
 import pytest
 import timm

@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from util.misc import make_scaler
-from util.optim import adamw, weight_decay_groups
+from util.run.amp import make_scaler
+from util.run.optim import adamw, weight_decay_groups
 
 import pytest
 import torch

@@ -2,8 +2,8 @@
 measured tolerance, used only where it can be, and the exact reference kept (bit for bit on PNGs)."""
 import io
 
-from util.datasets import IMAGENET_STD, finetune_transform, image_folder, pretrain_transform, with_decode
-from util.decode import (
+from util.data.datasets import IMAGENET_STD, finetune_transform, image_folder, pretrain_transform, with_decode
+from util.data.decode import (
     EXACT_MEAN_TOLERANCE,
     REDUCED_MEAN_TOLERANCE,
     DecodeTransform,
@@ -16,7 +16,7 @@ from util.decode import (
     nvjpeg_finisher,
     reduction,
 )
-from util.errors import UserError
+from util.run.errors import UserError
 
 import numpy as np
 import pytest
@@ -155,8 +155,8 @@ def test_greyscale_jpeg_and_cmyk():
 def test_finetune_transform_keeps_its_draws():
     """timm's fine-tuning transform (RandAugment, random erasing) after the fast crop: same draws
     (python's random), output within tolerance of the reference."""
-    from util.datasets import AugConfig
-    from util.misc import seed_everything
+    from util.data.datasets import AugConfig
+    from util.run.seed import seed_everything
 
     aug = AugConfig(crop_scale=(0.08, 1.0), hflip=0.5, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
     ref = finetune_transform(112, aug)
@@ -203,7 +203,7 @@ def test_nvjpeg_needs_cuda_and_the_pretraining_transform():
     with pytest.raises(UserError, match="CUDA"):
         nvjpeg_finisher(pretrain_transform(16, "nvjpeg"), torch.device("cpu"))
     assert nvjpeg_finisher(pretrain_transform(16, "auto"), torch.device("cpu")) is None
-    from util.datasets import AugConfig
+    from util.data.datasets import AugConfig
 
     with pytest.raises(UserError, match="nvjpeg"):
         with_decode(finetune_transform(16, AugConfig(aa="none", reprob=0.0)), "nvjpeg")

@@ -5,10 +5,10 @@ import math
 import subprocess
 import sys
 
-from util import convert
-from util.errors import UserError
-from util.optim import layer_decay_groups
-from util.pos_embed import resize_pos_embed
+from util.checkpoints import convert
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.run.errors import UserError
+from util.run.optim import layer_decay_groups
 
 import det_eval_dist
 import numpy as np

@@ -13,12 +13,12 @@ import sys
 import threading
 from pathlib import Path
 
-from util import checkpoint as ckpt_util
-from util.dist import detect, first_slurm_host
-from util.errors import Preempted, UserError
-from util.misc import append_jsonl, check_free_space, temp_path
-from util.preempt import EXIT_PREEMPTED
-from util.trainer import rescale_step
+from util.checkpoints import reader as ckpt_util
+from util.checkpoints.files import append_jsonl, check_free_space, temp_path
+from util.run.dist import detect, first_slurm_host
+from util.run.errors import Preempted, UserError
+from util.run.preempt import EXIT_PREEMPTED
+from util.run.trainer import rescale_step
 
 import dist_step
 import pytest

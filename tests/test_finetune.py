@@ -98,7 +98,7 @@ def test_linear_probe_of_layers_1_and_12(tiny_checkpoint, tmp_path):
 
 
 def test_linear_probe_needs_weights_and_a_valid_layer(tiny_checkpoint, tmp_path):
-    from util.errors import UserError
+    from util.run.errors import UserError
 
     base = ["--data_path", "digits", "--model", "vit_tiny_patch4", "--device", "cpu", "--output_dir", str(tmp_path)]
     with pytest.raises(UserError, match="needs pre-trained weights"):
@@ -109,7 +109,7 @@ def test_linear_probe_needs_weights_and_a_valid_layer(tiny_checkpoint, tmp_path)
 
 
 def test_layer_decay_groups_scales_and_weight_decay():
-    from util.optim import layer_decay_groups
+    from util.run.optim import layer_decay_groups
 
     model = models_vit.create_model("vit_tiny_patch4", num_classes=10, depth=4)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -125,7 +125,7 @@ def test_layer_decay_groups_scales_and_weight_decay():
 
 
 def test_unknown_model_and_class_count_messages(tmp_path, small_folder):
-    from util.errors import UserError
+    from util.run.errors import UserError
 
     with pytest.raises(UserError, match="Unknown fine-tuning model 'vit_gigantic'. Valid names: .*vit_tiny_patch4"):
         finetune("--model", "vit_gigantic", "--data_path", small_folder, "--output_dir", tmp_path, "--device", "cpu")

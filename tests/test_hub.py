@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from util import hub
-from util.errors import UserError
+from util.checkpoints import hub
+from util.run.errors import UserError
 
 import pytest
 import torch
@@ -78,8 +78,8 @@ def test_unknown_names_list_the_known_ones(tmp_path, server, cache):
 
 HUB_SCRIPT = """
 import sys
-from util import hub
-from util.errors import UserError
+from util.checkpoints import hub
+from util.run.errors import UserError
 for source in sys.argv[1:]:
     try:
         print("ok", hub.resolve(source))

@@ -1,7 +1,8 @@
 """The project is installed, not put on the import path by its own files: no tracked Python file edits
 ``sys.path`` (nor carries the E402 noqa such an edit needs), and a fresh interpreter started outside
 the checkout imports every top-level module and package from this checkout (``make install`` installs
-it editable: ``pip install -e . --no-deps``)."""
+it editable: ``pip install -e . --no-deps``). Importing every script does not import W&B and writes
+nothing to the temp directory."""
 import json
 import re
 import subprocess
@@ -14,6 +15,11 @@ from conftest import ROOT, clean_env
 PATH_EDIT = re.compile(r"\bsys\.path\.(insert|append|extend)\(|#\s*noqa:[^#\n]*\bE402\b")
 # the ones a user types or a test starts, at least; every other top-level module and package is added
 REQUIRED = ("main_pretrain", "util", "targets", "tools.demo", "Segmentation.train", "Detection.models")
+# every script a user starts (and the monitor they all may load)
+SCRIPTS = ("main_pretrain", "main_finetune", "main_linprobe", "engine_monitor", "Segmentation.train",
+           "Segmentation.inference", "Segmentation.demo", "tools.demo", "tools.linear_eval", "tools.probe_layers",
+           "tools.attention_analysis", "tools.visualize", "tools.convert_checkpoint", "tools.make_shards",
+           "tools.benchmark", "tools.benchmark_data", "tools.run_experiments")
 
 
 def tracked(pattern: str):
@@ -37,15 +43,24 @@ def top_level_names():
     return sorted(set(modules) | set(packages))
 
 
-def test_a_fresh_interpreter_outside_the_checkout_imports_the_project(tmp_path):
-    names = sorted(set(REQUIRED) | set(top_level_names()))
+def test_a_fresh_interpreter_outside_the_checkout_imports_the_project_and_not_wandb(tmp_path):
+    """timm imports wandb whenever it is installed, and wandb leaves two folders in the temp directory
+    at import that only a clean exit removes: no script, run without --wandb, may import it
+    (util/__init__.py blocks it), so that a killed run leaves nothing behind."""
+    names = sorted(set(REQUIRED) | set(top_level_names()) | set(SCRIPTS))
     assert {"main_pretrain", "models_deepmim", "util", "targets", "tools", "Segmentation", "Detection"} <= set(names)
-    code = ("import importlib, json, sys\n"
-            "print(json.dumps({n: importlib.import_module(n).__file__ for n in sys.argv[1:]}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, env=clean_env(tmp_path),
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    code = ("import importlib, json, sys, tempfile\n"
+            "tempfile.tempdir = sys.argv[1]\n"
+            "files = {n: importlib.import_module(n).__file__ for n in sys.argv[2:]}\n"
+            "print(json.dumps({'files': files, 'wandb': sys.modules.get('wandb') is not None, 'timm': 'timm' in sys.modules}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(temp), *names], cwd=tmp_path, env=clean_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, ("the project is not importable outside its checkout: `make install` "
                                   f"(or `pip install -e . --no-deps`) installs it\n{proc.stderr}")
-    where = json.loads(proc.stdout.splitlines()[-1])
-    elsewhere = {n: f for n, f in where.items() if not Path(f).resolve().is_relative_to(ROOT)}
+    out = json.loads(proc.stdout.splitlines()[-1])
+    elsewhere = {n: f for n, f in out["files"].items() if not Path(f).resolve().is_relative_to(ROOT)}
     assert not elsewhere, f"imported from another copy of the project, not from {ROOT}: {elsewhere}"
+    assert out["timm"] and not out["wandb"]  # timm loaded, W&B not
+    assert list(temp.iterdir()) == []  # and nothing in the temp directory it was given

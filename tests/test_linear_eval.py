@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 
-from util.datasets import FolderData
-from util.errors import Preempted, UserError
+from util.data.datasets import FolderData
+from util.run.errors import Preempted, UserError
 
 import pytest
 import torch

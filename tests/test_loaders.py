@@ -1,4 +1,4 @@
-"""The one loader builder (util/loader.py): every DataLoader the project builds installs the worker init
+"""The one loader builder (util/data/loader.py): every DataLoader the project builds installs the worker init
 that lets a loader worker outlive the scheduler's SIGTERM, so a job with loader workers stops with its
 checkpoint and resumes exactly, segmentation included (its loader once lacked it)."""
 import multiprocessing
@@ -8,11 +8,11 @@ import shutil
 import subprocess
 import sys
 
-from util.data import build_train_data, classification_data
-from util.datasets import FolderData, eval_transform, pretrain_transform
-from util.errors import Preempted
-from util.loader import build_loader
-from util.preempt import worker_init
+from util.data.build import build_train_data, classification_data
+from util.data.datasets import FolderData, eval_transform, pretrain_transform
+from util.data.loader import build_loader
+from util.run.errors import Preempted
+from util.run.preempt import worker_init
 
 import pytest
 import torch
@@ -109,7 +109,7 @@ def test_segmentation_with_loader_workers_stops_on_sigterm_and_resumes_exactly(s
 
 
 def has_worker_init(loader) -> bool:
-    """``loader``'s workers run ``util.preempt.worker_init`` bound to this (the training) process."""
+    """``loader``'s workers run ``util.run.preempt.worker_init`` bound to this (the training) process."""
     fn = loader.worker_init_fn
     return getattr(fn, "func", None) is worker_init and fn.args == (os.getpid(),)
 
@@ -131,7 +131,7 @@ def test_every_training_and_evaluation_loader_installs_the_worker_init(tiny_fold
 def test_no_dataloader_is_built_outside_the_builder():
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
-    assert "util/loader.py" in files
-    built = [f"{f}:{n}" for f in files if not f.startswith("tests/") and f != "util/loader.py"
+    assert "util/data/loader.py" in files
+    built = [f"{f}:{n}" for f in files if not f.startswith("tests/") and f != "util/data/loader.py"
              for n, line in enumerate((ROOT / f).read_text().splitlines(), 1) if re.search(r"\bDataLoader\s*\(", line)]
-    assert not built, f"build these with util.loader.build_loader (their workers must outlive a SIGTERM): {built}"
+    assert not built, f"build these with util.data.loader.build_loader (their workers must outlive a SIGTERM): {built}"

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from util import import_wandb, knn
-from util.cli import UsageError
-from util.errors import UserError
-from util.lr_sched import cosine_schedule
+from util.config.cli import UsageError
+from util.run.errors import UserError
+from util.run.lr_sched import cosine_schedule
 
 import pytest
 import torch
@@ -288,7 +288,7 @@ def test_wandb_offline_receives_the_scalars_and_a_resumed_run_keeps_its_id(small
 
 
 def test_wandb_missing_gives_one_error_line(small_folder, tmp_path, monkeypatch, capsys):
-    from util.misc import run_cli
+    from util.run.errors import run_cli
 
     blocker = tmp_path / "no_wandb" / "wandb"
     blocker.mkdir(parents=True)
@@ -304,24 +304,6 @@ def test_wandb_missing_gives_one_error_line(small_folder, tmp_path, monkeypatch,
 
 
 @WITH_WANDB
-def test_no_script_imports_wandb_unless_asked(tmp_path):
-    """timm imports wandb whenever it is installed, and wandb leaves two folders in the system temp
-    directory at import that only a clean exit removes: every script, run without --wandb, must not
-    import it (util/__init__.py blocks it), so that a killed run leaves nothing behind."""
-    scripts = ["main_pretrain", "main_finetune", "main_linprobe", "engine_monitor", "Segmentation.train",
-               "Segmentation.inference", "Segmentation.demo", "tools.demo", "tools.linear_eval", "tools.probe_layers",
-               "tools.attention_analysis", "tools.visualize", "tools.convert_checkpoint", "tools.make_shards",
-               "tools.benchmark", "tools.benchmark_data", "tools.run_experiments"]
-    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1]; "
-            + "; ".join(f"import {m}" for m in scripts)
-            + "; print(sys.modules.get('wandb') is None, 'timm' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True"]
-    assert list(tmp_path.iterdir()) == []  # and nothing in the temp directory it was given
-
-
 # --------------------------------------------------------------------------------------------
 # reconstructions of every target
 
@@ -341,7 +323,7 @@ def test_pca_colours_map_equal_features_to_equal_colours():
 
 
 def test_visualize_draws_hog_and_teacher_checkpoints(small_folder, tmp_path, capsys):
-    from util.misc import run_cli
+    from util.run.errors import run_cli
 
     from tools import visualize
 

@@ -1,6 +1,6 @@
 import math
 
-from util.pos_embed import resize_pos_embed, sincos_2d
+from util.checkpoints.pos_embed import resize_pos_embed, sincos_2d
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ def test_resize_is_identity_at_equal_size_and_resamples_to_384():
 
 
 def mae_interpolate(pos_embed, num_extra_tokens, orig_size, new_size):
-    """MAE's ``interpolate_pos_embed`` (util/pos_embed.py of facebookresearch/mae), written out: the
+    """MAE's ``interpolate_pos_embed`` (util/checkpoints/pos_embed.py of facebookresearch/mae), written out: the
     extra tokens kept, the patch rows as [1, D, H, W] through plain bicubic, align_corners False."""
     embedding_size = pos_embed.shape[-1]
     extra_tokens = pos_embed[:, :num_extra_tokens]
@@ -72,7 +72,7 @@ def test_resize_is_maes_interpolate_pos_embed_to_the_bit(old, new, prefix):
 
 def test_every_loader_resizes_with_maes_rule(tmp_path):
     """A 16-px checkpoint fine-tuned at 32 px: the ViT starts from MAE's interpolation of its table."""
-    from util.convert import load_encoder
+    from util.checkpoints.convert import load_encoder
 
     import models_vit
 

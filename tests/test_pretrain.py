@@ -2,8 +2,8 @@
 import json
 import shutil
 
-from util import checkpoint as ckpt_util
-from util.errors import UserError
+from util.checkpoints import reader as ckpt_util
+from util.run.errors import UserError
 
 import pytest
 import torch

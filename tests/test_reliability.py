@@ -20,13 +20,13 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from util import checkpoint as ckpt_util
-from util import lock as lock_util
-from util.config import RunConfig
-from util.datasets import _load_image
-from util.errors import UserError
-from util.misc import run_cli, temp_path, write_atomic
-from util.runner import start_run
+from util.checkpoints import reader as ckpt_util
+from util.checkpoints.files import temp_path, write_atomic
+from util.config.typed import RunConfig
+from util.data.datasets import _load_image
+from util.run import lock as lock_util
+from util.run.errors import UserError, run_cli
+from util.run.runner import start_run
 
 import numpy as np
 import pytest

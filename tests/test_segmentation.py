@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 
-from util import convert
-from util.errors import UserError
-from util.lr_sched import poly_lr_at
-from util.optim import layer_decay_groups
-from util.pos_embed import resize_pos_embed
+from util.checkpoints import convert
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.run.errors import UserError
+from util.run.lr_sched import poly_lr_at
+from util.run.optim import layer_decay_groups
 
 import numpy as np
 import pytest
@@ -403,7 +403,7 @@ def test_sigterm_writes_checkpoint_last_and_the_rerun_continues(synthetic, tmp_p
     import threading
     import time
 
-    from util.errors import Preempted
+    from util.run.errors import Preempted
 
     out = tmp_path / "run"
     common = [*TINY_FLAGS, "--data_path", synthetic, "--iters", 40, "--log_every", 3, "--eval_every", 40,

@@ -6,8 +6,8 @@ import warnings
 import zipfile
 from typing import Tuple
 
-from util import serialization
-from util.errors import UserError
+from util.checkpoints import serialization
+from util.run.errors import UserError
 
 import pytest
 import torch

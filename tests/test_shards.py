@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from util.data import build_eval_data, build_train_data, data_classes
-from util.datasets import FolderData, _load_image, eval_transform, image_folder, pretrain_transform, train_loader
-from util.decode import EncodedImage, open_rgb
-from util.errors import UserError
-from util.shards import (
+from util.data.build import build_eval_data, build_train_data, data_classes
+from util.data.datasets import FolderData, _load_image, eval_transform, image_folder, pretrain_transform, train_loader
+from util.data.decode import EncodedImage, open_rgb
+from util.data.shards import (
     ShardData,
     ShardEvalData,
     decode_sample,
@@ -24,6 +23,7 @@ from util.shards import (
     shuffle_order,
     write_shards,
 )
+from util.run.errors import UserError
 
 import numpy as np
 import pytest

@@ -2,8 +2,8 @@
 and per-layer targets (--ds_targets) in real training runs."""
 import json
 
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError
+from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.run.errors import UserError
 
 import pytest
 import timm

@@ -3,9 +3,9 @@ averaged over the epoch as MAE's meter does: an lr applied wrongly shows in the 
 import json
 import math
 
-from util import trainer as trainer_mod
-from util.data import FolderData
-from util.errors import Preempted
+from util.data.build import FolderData
+from util.run import trainer as trainer_mod
+from util.run.errors import Preempted
 
 import pytest
 from test_trainer import signal_before_batch

@@ -1,4 +1,4 @@
-"""The one trainer (util/trainer.py): every job runs through it, stops on a signal and resumes as if
+"""The one trainer (util/run/trainer.py): every job runs through it, stops on a signal and resumes as if
 never stopped, puts back the signal handlers, and commits an epoch so that a kill -9 at any moment
 loses no log line or checkpoint and duplicates none."""
 import os
@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 
-from util.datasets import FolderData
-from util.errors import Preempted, UserError
+from util.data.datasets import FolderData
+from util.run.errors import Preempted, UserError
 
 import pytest
 import torch

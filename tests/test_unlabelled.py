@@ -7,10 +7,10 @@ import json
 import shutil
 import tarfile
 
-from util.data import build_train_data
-from util.datasets import NO_LABEL, FolderData, list_images
-from util.errors import Preempted, UserError
-from util.shards import ShardData, open_shards
+from util.data.build import build_train_data
+from util.data.datasets import NO_LABEL, FolderData, list_images
+from util.data.shards import ShardData, open_shards
+from util.run.errors import Preempted, UserError
 
 import pytest
 from PIL import Image

@@ -37,10 +37,11 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from util.cli import Parser, positive_int, seed_int
-from util.datasets import classification_datasets, eval_transform
-from util.errors import UserError
-from util.misc import check_writable, run_cli, save_json, setup_logging
+from util.checkpoints.files import check_writable, save_json
+from util.config.cli import Parser, positive_int, seed_int
+from util.data.datasets import classification_datasets, eval_transform
+from util.run.errors import UserError, run_cli
+from util.run.logs import setup_logging
 
 import numpy as np
 import torch

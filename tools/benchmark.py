@@ -18,7 +18,6 @@ backward); on GPUs the achieved TFLOP/s is compared with the device's dense bf16
 target can be timed without the weights.
 """
 import argparse
-import json
 import resource
 import shlex
 import statistics
@@ -28,10 +27,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from util.cli import Parser, nonneg_int, positive_float, positive_int, usage_error
-from util.dist import resolve_device
-from util.misc import autocast, make_scaler, resolve_amp, run_cli, seed_everything
-from util.optim import adamw, layer_decay_groups, weight_decay_groups
+from util.checkpoints.files import save_json
+from util.config.cli import Parser, nonneg_int, positive_float, positive_int, usage_error
+from util.run.amp import autocast, make_scaler, resolve_amp
+from util.run.dist import resolve_device
+from util.run.errors import run_cli
+from util.run.optim import adamw, layer_decay_groups, weight_decay_groups
+from util.run.seed import seed_everything
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -199,8 +201,8 @@ def random_clip_file(cfg) -> str:
 
 def real_loader(args: argparse.Namespace, size: int, mode: str, device: torch.device):
     """The training data the scripts read (``--data_path``, folder or shards, ``--decode``), without end."""
-    from util.data import build_train_data
-    from util.datasets import AugConfig, finetune_transform, pretrain_transform, with_decode
+    from util.data.build import build_train_data
+    from util.data.datasets import AugConfig, finetune_transform, pretrain_transform, with_decode
 
     tf = pretrain_transform(size, args.decode) if mode == "pretrain" else with_decode(
         finetune_transform(size, AugConfig.from_flags(args)), args.decode)
@@ -274,7 +276,7 @@ def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str,
     print(f"device: {info['device']}; torch {info['torch']}; {info['threads']} threads; "
           f"process peak RSS {info['peak_rss_gb']:.2f} GB")
     if bench_args.json:
-        Path(bench_args.json).write_text(json.dumps(info, indent=2) + "\n")
+        save_json(info, Path(bench_args.json), sort_keys=False)
     return results
 
 

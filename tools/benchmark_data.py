@@ -6,7 +6,7 @@
 
 It first writes its own JPEG folder (``--work_dir``, a temporary one by default) at ImageNet's size
 distribution, then the same files as tar shards, and measures the real loaders
-(``util.datasets.FolderData``, ``util.shards.ShardData``: seeded samplers, DataLoader workers,
+(``util.data.datasets.FolderData``, ``util.data.shards.ShardData``: seeded samplers, DataLoader workers,
 collation) on them, for each row and each ``--workers`` value, alternating rows over ``--rounds``
 rounds (the median is reported, so a busy machine slows every row alike):
 
@@ -41,10 +41,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from util.datasets import IMAGENET_STD, FolderData, finetune_transform, image_folder, pretrain_transform, with_decode
-from util.decode import mean_abs_diff, read_encoded, stats_summary
-from util.misc import derive_seed, run_cli, seed_everything
-from util.shards import ShardData, open_shards, write_shards
+from util.checkpoints.files import save_json
+from util.data.datasets import IMAGENET_STD, FolderData, finetune_transform, image_folder, pretrain_transform, with_decode
+from util.data.decode import mean_abs_diff, read_encoded, stats_summary
+from util.data.shards import ShardData, open_shards, write_shards
+from util.run.errors import run_cli
+from util.run.seed import derive_seed, seed_everything
 
 import numpy as np
 import torch
@@ -170,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
     if not (root / "train").is_dir():
         print(f"writing {args.images} JPEGs to {root} ...", flush=True)
         stats = make_jpegs(root, args.images, args.quality)
-        (work / "jpegs.json").write_text(json.dumps(stats))
+        save_json(stats, work / "jpegs.json", indent=None, sort_keys=False)
     stats = json.loads((work / "jpegs.json").read_text())
     print(f"JPEGs: {stats['images']}, mean {stats['mean_width']:.0f} x {stats['mean_height']:.0f} px, "
           f"{stats['mean_kb']:.0f} KB, quality {stats['quality']} ({time.time() - t0:.0f} s)", flush=True)
@@ -223,9 +225,9 @@ def main(args: argparse.Namespace) -> None:
                 print(f"  {k}: {c['crops']} crops, mean |diff| {c['mean']:.3f} grey levels (worst image "
                       f"{c['worst_image_mean']:.2f}, worst pixel {c['worst_pixel']:.0f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": args.mode, "input_size": args.input_size, "jpegs": stats,
-                                               "batch_size": args.batch_size, "rounds": args.rounds,
-                                               "rows": table, "raw": results, "pixel_check": check}, indent=1))
+        save_json({"mode": args.mode, "input_size": args.input_size, "jpegs": stats, "batch_size": args.batch_size,
+                   "rounds": args.rounds, "rows": table, "raw": results, "pixel_check": check},
+                  Path(args.json), indent=1, sort_keys=False)
         print(f"written to {args.json}")
 
 

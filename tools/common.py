@@ -6,10 +6,10 @@ import contextlib
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
-from util import convert
-from util.cli import positive_int
-from util.dist import resolve_device
-from util.errors import UserError
+from util.checkpoints import convert
+from util.config.cli import positive_int
+from util.run.dist import resolve_device
+from util.run.errors import UserError
 
 import torch
 
@@ -37,7 +37,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def tool_device(name: str) -> torch.device:
-    """The device of ``--device`` (``util.dist.resolve_device``: empty picks CUDA when available)."""
+    """The device of ``--device`` (``util.run.dist.resolve_device``: empty picks CUDA when available)."""
     return resolve_device(name)
 
 

@@ -16,7 +16,7 @@
     # a published name or URL as the input (downloaded once, checksum checked)
     python tools/convert_checkpoint.py mae_pretrain_vit_base vit_b_mae.safetensors --to timm
 
-Inputs are read without running code from them (``util.checkpoint.read_checkpoint``): MAE's and the
+Inputs are read without running code from them (``util.checkpoints.reader.read_checkpoint``): MAE's and the
 reference DeepMIM's files (with their pickled ``argparse.Namespace``) load; safetensors and
 TorchScript files too. ``--format`` chooses the output format (default: ``safetensors`` for a
 ``.safetensors`` name, else ``torch``). A safetensors file holds the tensors under the keys the state
@@ -32,12 +32,11 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from util import convert, serialization
-from util.checkpoint import read_checkpoint, save_atomic
-from util.cli import Parser, increasing, positive_int, str2list
-from util.errors import UserError
-from util.misc import run_cli
-from util.registry import vit_heads
+from util.checkpoints import convert, serialization
+from util.checkpoints.reader import read_checkpoint, save_atomic
+from util.config.cli import Parser, increasing, positive_int, str2list
+from util.config.registry import vit_heads
+from util.run.errors import UserError, run_cli
 
 from tools.common import release_to_ours
 

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import List
 
-from util.cli import Parser, nonneg_int, positive_int
-from util.misc import fmt_seconds, run_cli
+from util.config.cli import Parser, nonneg_int, positive_int
+from util.run.errors import run_cli
+from util.run.logs import fmt_seconds
 
 import torch
 

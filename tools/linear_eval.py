@@ -15,7 +15,7 @@ passes it once; the pooled features of every chosen layer (``--layers``, default
 pooling (``--pool``: ``token`` = cls token, after the final norm for the last block as in
 ``main_linprobe.py``; ``avg`` = mean of the patch tokens) feed one linear head per base learning
 rate of ``--blrs`` (``lr = blr x total batch / 256``, the repo's one scaling rule). All heads train
-together, on the one trainer (``util/trainer.py``): the loss is the sum of every head's
+together, on the one trainer (``util/run/trainer.py``): the loss is the sum of every head's
 cross-entropy, one optimizer holds every head in its own parameter groups.
 
 Recipes (``--recipe``):
@@ -52,14 +52,13 @@ table; a rerun of a finished run rewrites the table without training.
 import argparse
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from util import convert
-from util import dist as dist_util
-from util.cli import (
+from util.checkpoints import convert
+from util.checkpoints.files import save_json, write_text
+from util.config.cli import (
     OrderedPair,
     Parser,
     add_run_args,
@@ -72,15 +71,18 @@ from util.cli import (
     share,
     str2list,
 )
-from util.config import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.data import build_eval_data, classification_data
-from util.datasets import eval_transform, linprobe_transform, with_decode
-from util.errors import UserError
-from util.lr_sched import cosine_schedule
-from util.misc import autocast, derive_seed, fmt_seconds, make_scaler, run_cli, save_json
-from util.runner import Run, start_run
-from util.shards import ShardEvalData, is_shard_spec, open_shards
-from util.trainer import Commit, Job, Trainer, epoch_trainer_config
+from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
+from util.data.build import build_eval_data, classification_data
+from util.data.datasets import eval_transform, linprobe_transform, with_decode
+from util.data.shards import ShardEvalData, is_shard_spec, open_shards
+from util.run import dist as dist_util
+from util.run.amp import autocast, make_scaler
+from util.run.errors import UserError, run_cli
+from util.run.logs import fmt_seconds
+from util.run.lr_sched import cosine_schedule
+from util.run.runner import Run, start_run
+from util.run.seed import derive_seed
+from util.run.trainer import Commit, Job, Trainer, epoch_trainer_config
 
 import torch
 import torch.nn.functional as F
@@ -344,7 +346,7 @@ def gather_by_index(feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor
 
 
 class CachedFeatures:
-    """Training data of ``--cache_features`` (a ``util.data.TrainData``): batches of cached features
+    """Training data of ``--cache_features`` (a ``util.data.build.TrainData``): batches of cached features
     ``([K, B, D], labels [B])`` by global step, in the order of the image loader's distributed
     sampler (the same seed gives the same samples in the same steps).
 
@@ -546,9 +548,7 @@ class LinearEvalJob(Job):
         doc = self.document(complete)
         out = self.run.out_dir
         save_json(doc, out / RESULTS_JSON)
-        tmp = out / f".{RESULTS_MD}.tmp"
-        tmp.write_text(markdown(doc))
-        os.replace(tmp, out / RESULTS_MD)
+        write_text(out / RESULTS_MD, markdown(doc))
 
     def check_resume(self, ckpt: Dict[str, Any], path: str) -> None:
         saved = ckpt.get("linear_eval") or {}

@@ -14,16 +14,16 @@ Each sample keeps the image file's bytes unchanged (no re-encoding) and its clas
 the class names go to ``<split>.json`` with every shard's sample count. Samples are shuffled across
 shards (``--seed``); the output is byte-for-byte deterministic. The brace spec of each split is
 printed at the end; a progress bar per split shows the shards written, the rate and the ETA. See
-``util/shards.py`` for the format and how training reads it.
+``util/data/shards.py`` for the format and how training reads it.
 """
 import argparse
 import re
 from pathlib import Path
 from typing import Any, Dict
 
-from util.datasets import resolve_data_path
-from util.misc import run_cli
-from util.shards import SPLITS, index_shards, write_shards
+from util.data.datasets import resolve_data_path
+from util.data.shards import SPLITS, index_shards, write_shards
+from util.run.errors import run_cli
 
 from tools.common import progress
 

@@ -37,11 +37,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from util import convert
-from util.cli import Parser, nonneg_int, positive_float, positive_int, seed_int
-from util.datasets import classification_datasets, eval_transform
-from util.loader import build_loader
-from util.misc import check_writable, run_cli, save_json, setup_logging, to_plain
+from util.checkpoints import convert
+from util.checkpoints.files import check_writable, save_json, to_plain
+from util.config.cli import Parser, nonneg_int, positive_float, positive_int, seed_int
+from util.data.datasets import classification_datasets, eval_transform
+from util.data.loader import build_loader
+from util.run.errors import run_cli
+from util.run.logs import setup_logging
 
 import numpy as np
 import torch

@@ -35,9 +35,11 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from util.cli import Parser, positive_int, seed_int
-from util.datasets import resolve_data_path
-from util.misc import check_writable, fmt_seconds, run_cli, save_json
+from util.checkpoints.files import check_writable, save_json, write_text
+from util.config.cli import Parser, positive_int, seed_int
+from util.data.datasets import resolve_data_path
+from util.run.errors import run_cli
+from util.run.logs import fmt_seconds
 
 import numpy as np
 
@@ -111,7 +113,7 @@ def pretrain_and_finetune(work: Path, config: str, seed: int, epochs: int, ft_ep
 
 def initial_encoders(work: Path, seeds: Sequence[int]) -> List[Path]:
     """The untrained encoder of every seed (what pre-training starts from), saved as checkpoints."""
-    from util.misc import seed_everything
+    from util.run.seed import seed_everything
 
     import torch
 
@@ -420,7 +422,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             "pretrain_recipe": PRETRAIN, "finetune_recipe": FINETUNE}
     res = collect(Path(args.work_dir), args.seeds)
     save_json({"meta": meta, "results": res}, out / "results.json")
-    (out / "RESULTS.md").write_text(tables(res, meta))
+    write_text(out / "RESULTS.md", tables(res, meta))
     plots(res, out)
     print(f"study done in {fmt_seconds(wall)} ({cpu:.0f} CPU seconds: about {meta['idle_machine_estimate']} on an idle "
           f"machine with {args.jobs} cores); results in {out}")

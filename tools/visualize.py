@@ -32,12 +32,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from util import convert
-from util.checkpoint import read_checkpoint
-from util.cli import Parser, mask_fraction, positive_int, seed_int
-from util.dist import resolve_device
-from util.errors import UserError
-from util.misc import run_cli
+from util.checkpoints import convert
+from util.checkpoints.reader import read_checkpoint
+from util.config.cli import Parser, mask_fraction, positive_int, seed_int
+from util.run.dist import resolve_device
+from util.run.errors import UserError, run_cli
 
 import models_deepmim
 from engine_monitor import draw, pick_images, reconstruct

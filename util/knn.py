@@ -10,7 +10,7 @@ Pure tensor code: no model, no data loading; the distributed part is one sum ove
 """
 from typing import Dict, List, Sequence
 
-from util import dist as dist_util
+from util.run import dist as dist_util
 
 import numpy as np
 import torch

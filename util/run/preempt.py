@@ -38,9 +38,9 @@ import threading
 from pathlib import Path
 from typing import Dict, Optional
 
-from util import dist as dist_util
-from util.errors import EXIT_PREEMPTED, UserError
-from util.misc import write_text
+from util.checkpoints.files import write_text
+from util.run import dist as dist_util
+from util.run.errors import EXIT_PREEMPTED, UserError
 
 import torch
 import torch.distributed as dist

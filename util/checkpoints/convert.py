@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util.checkpoint import read_checkpoint
-from util.errors import UserError
-from util.pos_embed import resize_pos_embed
-from util.registry import vit_heads
+from util.checkpoints.pos_embed import resize_pos_embed
+from util.checkpoints.reader import read_checkpoint
+from util.config.registry import vit_heads
+from util.run.errors import UserError
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ _OURS_TO_REF = {v: k for k, v in _REF_TO_OURS.items()}
 
 
 def read_state_dict(source: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint (any source :func:`util.checkpoint.read_checkpoint` reads), unwrapped from
+    """Tensors of a checkpoint (any source :func:`util.checkpoints.reader.read_checkpoint` reads), unwrapped from
     ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'module': ...}`` and wrapper prefixes."""
     return state_dict_of(read_checkpoint(source, sha256), source)
 

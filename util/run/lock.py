@@ -2,7 +2,7 @@
 
 Two runs writing one folder would interleave their ``log.txt`` lines and overwrite each other's
 checkpoints, and the second one's start-up would delete the first one's partial checkpoint. So
-rank 0 of every run takes this lock at start-up (``util/runner.py``) and keeps it until the run
+rank 0 of every run takes this lock at start-up (``util/run/runner.py``) and keeps it until the run
 ends; a second run on the same folder stops with one message naming the holder.
 
 The lock is a POSIX record lock (``fcntl.lockf``): the kernel drops it when its process ends,
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from util.errors import UserError
-from util.misc import pid_running
+from util.checkpoints.files import pid_running
+from util.run.errors import UserError
 
 _log = logging.getLogger(__name__)
 

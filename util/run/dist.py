@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
-from util.errors import UserError
+from util.run.errors import UserError
 
 import torch
 import torch.distributed as dist

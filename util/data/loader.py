@@ -1,6 +1,6 @@
 """The one DataLoader builder: every loader the project makes, for training or evaluation, comes from
 :func:`build_loader`, so that every loader worker survives the SIGTERM a scheduler sends to every
-process of a task (``util.preempt.worker_init``) and the training process writes its checkpoint.
+process of a task (``util.run.preempt.worker_init``) and the training process writes its checkpoint.
 
 A worker without it dies of that SIGTERM, and the DataLoader turns a dead worker into an error in
 the training process at once ("DataLoader worker (pid N) is killed by signal: Terminated"), before
@@ -10,7 +10,7 @@ import os
 from functools import partial
 from typing import Any, Callable, Iterable, Optional
 
-from util.preempt import worker_init
+from util.run.preempt import worker_init
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 

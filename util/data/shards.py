@@ -8,7 +8,7 @@ index as decimal text). This is the layout open_clip and timm read, and the one 
 ImageNet shards use, so the same files serve every tool. Shards without labels (img2dataset's
 layout for LAION-style collections: ``<key>.jpg`` + ``<key>.json`` / ``<key>.txt``, no ``.cls``)
 serve pre-training: their index records ``"labelled": false`` and no classes, and the readers give
-their images the label ``util.datasets.NO_LABEL``; fine-tuning, probing and evaluation refuse them.
+their images the label ``util.data.datasets.NO_LABEL``; fine-tuning, probing and evaluation refuse them.
 
 The library is ``webdataset``: it expands brace notation (``train-{000000..001023}.tar``), opens
 local paths, ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/train-000000.tar -``) and URLs, and
@@ -58,11 +58,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from util.datasets import NO_LABEL, build_digits, building, cache_root, finish_images, image_folder
-from util.decode import EncodedImage, collate, open_rgb
-from util.errors import UserError
-from util.loader import build_loader
-from util.misc import atomic_path, derive_seed, save_json, seed_host
+from util.checkpoints.files import atomic_path, save_json
+from util.data.datasets import NO_LABEL, build_digits, building, cache_root, finish_images, image_folder
+from util.data.decode import EncodedImage, collate, open_rgb
+from util.data.loader import build_loader
+from util.run.errors import UserError
+from util.run.seed import derive_seed, seed_host
 
 import numpy as np
 from PIL import Image
@@ -463,12 +464,12 @@ def _loader(stream: _Stream, num_workers: int, pin_mem: bool) -> DataLoader:
 
 
 class ShardData:
-    """A training data source over tar shards (``util.data.TrainData``); the order and its resume are
+    """A training data source over tar shards (``util.data.build.TrainData``); the order and its resume are
     described in the module docstring.
 
     Args:
         shards: from :func:`open_shards`.
-        transform: the training transform (a ``util.decode.DecodeTransform`` gets the bytes).
+        transform: the training transform (a ``util.data.decode.DecodeTransform`` gets the bytes).
         batch_size: per process.
         rank, world_size: this process's place in the job.
         seed: the run's seed (order and augmentation).

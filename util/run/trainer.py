@@ -17,8 +17,8 @@ is the epoch, kept for MAE's flags, ``log.txt`` and the checkpoint's ``epoch`` f
    and the best checkpoint, then ``log.txt`` and the checkpoints) or every ``eval_every`` /
    ``save_every`` / ``save_last_every`` steps (iteration-based jobs);
 5. preemption: SIGTERM / SIGUSR1 stop every rank after the same optimizer step
-   (``util/preempt.py``); ``checkpoint-last.pth`` records the position and the running sums, and
-   :class:`util.errors.Preempted` ends the script.
+   (``util/run/preempt.py``); ``checkpoint-last.pth`` records the position and the running sums, and
+   :class:`util.run.errors.Preempted` ends the script.
 
 Host synchronisation happens only at log steps and commit points: metrics are summed on the device,
 and the non-finite check keeps the first bad (step, metric) in a device tensor. A NaN therefore
@@ -42,15 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from util import checkpoint as ckpt_util
-from util import convert
-from util import dist as dist_util
-from util.config import TrainConfig
-from util.data import TrainData
-from util.errors import UserError
-from util.lr_sched import applied_lr, set_lr
-from util.misc import append_jsonl, autocast, check_free_space, derive_seed, fmt_seconds, peak_memory, seed_everything
-from util.runner import Run
+from util.checkpoints import convert
+from util.checkpoints import reader as ckpt_util
+from util.checkpoints.files import append_jsonl, check_free_space, write_text
+from util.config.typed import TrainConfig
+from util.data.build import TrainData
+from util.run import dist as dist_util
+from util.run.amp import autocast
+from util.run.errors import UserError
+from util.run.logs import fmt_seconds, peak_memory
+from util.run.lr_sched import applied_lr, set_lr
+from util.run.runner import Run
+from util.run.seed import derive_seed, seed_everything
 
 import torch
 from torch import nn
@@ -136,7 +139,7 @@ def wrap(model: nn.Module, device: torch.device, distributed: bool, grad_checkpo
          compile: bool = False) -> nn.Module:
     """The module to train: ``--grad_checkpointing``, DDP when there are several processes, then
     ``--compile``. Checkpoints are always written from the plain ``model``
-    (``util.checkpoint.unwrap``).
+    (``util.checkpoints.reader.unwrap``).
 
     No unused-parameter search (every parameter gets a gradient: only the supervised layers'
     decoders exist); buffers are synchronised once at start, not before every forward (the
@@ -545,9 +548,7 @@ class Trainer:
         if len(keep) != len(lines):
             _log.info("log.txt: %d line(s) past the resume point dropped; this run writes them again",
                       len(lines) - len(keep))
-            tmp = self.log_path.with_name(".log.txt.tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.log_path)
+            write_text(self.log_path, "".join(keep))
 
     def _complete(self, ckpt: Dict[str, Any], start: int) -> None:
         """Finish the commit that wrote ``ckpt`` (rank 0): the checkpoints it names that are missing or

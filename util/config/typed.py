@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
-from util.errors import UserError
+from util.run.errors import UserError
 
 C = TypeVar("C", bound="FlagConfig")
 Flags = Union[argparse.Namespace, Mapping[str, Any]]
@@ -102,7 +102,7 @@ class OptimConfig(FlagConfig):
 def check_schedule(train: TrainConfig, optim: OptimConfig) -> List[str]:
     """The cross-flag checks of an epoch-based schedule (the per-flag ranges are the parser's).
 
-    Returns warnings for :func:`util.runner.start_run` to log: a warm-up longer than the run is
+    Returns warnings for :func:`util.run.runner.start_run` to log: a warm-up longer than the run is
     legal (short test runs use it) but rarely meant.
     """
     if train.start_epoch >= train.epochs:

@@ -12,8 +12,8 @@
   augmentation is seeded from (base seed, epoch, index). A resumed run therefore sees exactly the
   crops an uninterrupted run would have seen, whatever the number of workers.
 * :class:`FolderData`: the step-counted training data source (``batches(start_step)``) over a
-  folder; ``util.shards.ShardData`` is the same over tar shards, ``util.data`` picks one.
-* A transform with ``accepts_encoded`` (``util.decode.DecodeTransform``: ``pretrain_transform(size,
+  folder; ``util.data.shards.ShardData`` is the same over tar shards, ``util.data`` picks one.
+* A transform with ``accepts_encoded`` (``util.data.decode.DecodeTransform``: ``pretrain_transform(size,
   decode='auto')``) gets the file's bytes and decodes them itself (faster JPEG path).
 """
 import logging
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from util.config import FlagConfig
-from util.constants import IMAGENET_MEAN, IMAGENET_STD
-from util.decode import DecodeTransform, read_encoded, rgb8
-from util.errors import UserError
-from util.loader import build_loader
-from util.misc import derive_seed, seed_host
+from util.config.typed import FlagConfig
+from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from util.data.decode import DecodeTransform, read_encoded, rgb8
+from util.data.loader import build_loader
+from util.run.errors import UserError
+from util.run.seed import derive_seed, seed_host
 
 import numpy as np
 from PIL import Image
@@ -245,7 +245,7 @@ def pretrain_images(data_path: str, transform) -> Dataset:
 
 def with_decode(transform, decode: str = "auto"):
     """``transform`` as is for ``decode='pil'`` (PIL decodes the whole image first: the reference),
-    else wrapped in :class:`util.decode.DecodeTransform` (``auto``: the fast path for JPEGs, the
+    else wrapped in :class:`util.data.decode.DecodeTransform` (``auto``: the fast path for JPEGs, the
     reference for every other format; ``nvjpeg``: GPU decoding). Works for the pre-training, linear
     probing and timm fine-tuning transforms (all start with a random resized crop)."""
     return transform if decode == "pil" else DecodeTransform(transform, decode)
@@ -338,7 +338,7 @@ def train_loader(
 
 
 class FolderData:
-    """A training data source over an ImageFolder, counted in global steps (``util.data.TrainData``).
+    """A training data source over an ImageFolder, counted in global steps (``util.data.build.TrainData``).
 
     The batches are exactly those of the epoch loop it replaces: per epoch ``e``,
     ``loader.sampler.set_epoch(e, skip=skip * batch_size)`` then the loader, with ``skip`` the steps
@@ -348,7 +348,7 @@ class FolderData:
     Args:
         dataset: the training ImageFolder (its transform applied under each sample's seed).
         finish: applied to the images of each batch in this process (the GPU decode stage of
-            ``--decode nvjpeg``, ``util.decode.nvjpeg_finisher``); None: batches as the loader makes them.
+            ``--decode nvjpeg``, ``util.data.decode.nvjpeg_finisher``); None: batches as the loader makes them.
         Others: as :func:`train_loader`.
     """
 

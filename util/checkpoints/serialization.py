@@ -31,8 +31,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple
 
-from util.errors import UserError
-from util.misc import write_atomic
+from util.checkpoints.files import write_atomic
+from util.run.errors import UserError
 
 import torch
 

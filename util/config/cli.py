@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
-from util.errors import say
+from util.run.errors import say
 
 Group = argparse._ArgumentGroup
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
-from util.errors import UserError
-from util.misc import atomic_path
+from util.checkpoints.files import atomic_path
+from util.run.errors import UserError
 
 import torch
 

@@ -3,17 +3,17 @@
 ``--data_path`` is an ImageFolder root (``train/<class>/<image>``, ``val/...``), the built-in
 ``digits``, or tar shards (``util.shards``: a folder of shards, brace notation, ``pipe:`` URLs,
 ``digits-shards``). Pre-training also takes unlabelled data (``labels=False``): a flat folder of
-images (``util.datasets.pretrain_images``) and shards without ``.cls`` members (img2dataset's
-layout); their batches carry ``util.datasets.NO_LABEL``, and nothing on that path reads a label.
+images (``util.data.datasets.pretrain_images``) and shards without ``.cls`` members (img2dataset's
+layout); their batches carry ``util.data.datasets.NO_LABEL``, and nothing on that path reads a label.
 Both kinds give the same two objects:
 
-* a :class:`TrainData` (:class:`util.datasets.FolderData` or :class:`util.shards.ShardData`),
+* a :class:`TrainData` (:class:`util.data.datasets.FolderData` or :class:`util.data.shards.ShardData`),
   counted in global steps, which resumes at a step;
 * an evaluation reader: each image once across ranks, no padding, ``(images, labels)`` batches.
 """
 from typing import Iterable, Iterator, List, Optional, Protocol, Tuple
 
-from util.datasets import (
+from util.data.datasets import (
     BUILTIN,
     FolderData,
     check_classes,
@@ -25,9 +25,9 @@ from util.datasets import (
     pretrain_root,
     resolve_data_path,
 )
-from util.decode import collate as decode_collate
-from util.decode import nvjpeg_finisher
-from util.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, labelled_shards, open_shards
+from util.data.decode import collate as decode_collate
+from util.data.decode import nvjpeg_finisher
+from util.data.shards import DEFAULT_SHUFFLE_BUFFER, ShardData, ShardEvalData, is_shard_spec, labelled_shards, open_shards
 
 import torch
 
@@ -51,8 +51,8 @@ def build_train_data(data_path: str, transform, batch_size: int, rank: int, worl
     """The training source of ``data_path`` (folder or shards, split ``train``).
 
     Args:
-        transform: the training transform; ``util.datasets.pretrain_transform(size, decode)`` or any
-            transform wrapped by ``util.datasets.with_decode``.
+        transform: the training transform; ``util.data.datasets.pretrain_transform(size, decode)`` or any
+            transform wrapped by ``util.data.datasets.with_decode``.
         batch_size: per process.
         shuffle_buffer: shards only: samples each loader worker holds to shuffle.
         device: the training device; needed by ``decode='nvjpeg'`` (the GPU decodes each batch).
@@ -123,7 +123,7 @@ def check_pretrain_data(data_path: str) -> None:
 
 def check_data(data_path: str, splits: List[str]) -> None:
     """Refuse a ``--data_path`` that lacks these labelled splits before a run starts (fine-tuning,
-    probing): the class folders of an ImageFolder root (``util.datasets.check_folders``), the
+    probing): the class folders of an ImageFolder root (``util.data.datasets.check_folders``), the
     index of each split of shards, with labels."""
     if is_shard_spec(data_path):
         for split in splits:

@@ -5,7 +5,7 @@ Format (MAE's, so released checkpoints and MAE-derived tools keep working)::
     {'model': state_dict, 'optimizer': ..., 'epoch': int, 'scaler': ..., 'args': dict,
      'model_cfg': dict,          # plain-type model config: rebuild without the CLI
      'step_in_epoch': int,       # > 0 only for a mid-epoch (preemption) checkpoint
-     'commit': dict,             # what the trainer writes after this file (util/trainer.py)
+     'commit': dict,             # what the trainer writes after this file (util/run/trainer.py)
      'partial': dict}            # a mid-epoch checkpoint's running metric sums
 
 Iteration-based training (segmentation) adds ``'iteration'``: the optimizer steps done; its
@@ -15,11 +15,11 @@ Iteration-based training (segmentation) adds ``'iteration'``: the optimizer step
 mid-epoch checkpoint stores the running epoch and the number of iterations already done in it.
 
 Every file is read by :func:`read_checkpoint`, the one reader: local files, published names, URLs
-and hub names (``util/hub.py``); pickles with ``torch.load(weights_only=True)`` and MAE's
+and hub names (``util/checkpoints/hub.py``); pickles with ``torch.load(weights_only=True)`` and MAE's
 ``argparse.Namespace`` allowed, ``.safetensors``, OpenAI's TorchScript CLIP archives without
-``torch.jit`` (``util/serialization.py``): a downloaded file cannot run code. Saves write a temporary
+``torch.jit`` (``util/checkpoints/serialization.py``): a downloaded file cannot run code. Saves write a temporary
 file in the same directory, flush it to disk and ``os.replace`` it over the target, so a crash or
-``kill -9`` never leaves a half-written checkpoint under a real name (``util.misc.write_atomic``);
+``kill -9`` never leaves a half-written checkpoint under a real name (``util.checkpoints.files.write_atomic``);
 a full disk stops with one message and removes the partial file.
 
 **Integrity.** ``torch.save`` writes a zip archive whose every record (the pickle, each tensor's
@@ -32,7 +32,7 @@ checkpoint against 0.35-0.60 s for its ``torch.load`` (2 shared CPU cores; from 
 reads the file and the load that follows finds it in the page cache), once per run. A sha256
 stored inside the file would cost a pass at save time as well and a slower hash, and could not
 cover the pickle that holds it. CRC-32 detects accidental corruption, not deliberate tampering:
-downloads are checked against their published sha256 (``util/hub.py``).
+downloads are checked against their published sha256 (``util/checkpoints/hub.py``).
 """
 import logging
 import os
@@ -44,9 +44,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from util import hub, serialization
-from util.errors import UserError
-from util.misc import parse_temp, pid_running, write_atomic
+from util.checkpoints import hub, serialization
+from util.checkpoints.files import parse_temp, pid_running, write_atomic
+from util.run.errors import UserError
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically; a failed write (full disk, quota, permission, I/O
     error) raises one :class:`UserError` with the path and the free space, removes its temporary
-    file and keeps the old ``path`` (:func:`util.misc.write_atomic`)."""
+    file and keeps the old ``path`` (:func:`util.checkpoints.files.write_atomic`)."""
     write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
@@ -95,7 +95,7 @@ def remove_stale_temps(output_dir: Path) -> Tuple[List[str], List[str]]:
     Only a dead writer's: the temporary name holds the writer's host and PID. This host's file is
     removed when that PID is not running; another host's, when it has not changed for
     :data:`STALE_AFTER_S` seconds (a live save writes continuously). Call at start-up, with the
-    folder's lock held (``util/lock.py``) and before any free-space check: the space is then back.
+    folder's lock held (``util/run/lock.py``) and before any free-space check: the space is then back.
     """
     removed: List[str] = []
     kept: List[str] = []
@@ -171,7 +171,7 @@ def verify(path: str) -> bool:
 def read_checkpoint(source: str, sha256: Optional[str] = None, *, what: Optional[str] = None, hint: str = "",
                     mmap: bool = False, check: bool = False) -> Any:
     """The object stored in a checkpoint: a file, a published name, a URL or a hub name
-    (:func:`util.hub.resolve`), read without running code from it (:func:`util.serialization.load_torch`).
+    (:func:`util.checkpoints.hub.resolve`), read without running code from it (:func:`util.checkpoints.serialization.load_torch`).
 
     Args:
         sha256: expected digest of a download.
@@ -287,7 +287,9 @@ def estimated_size(model: nn.Module, optimizer_states_per_param: int = 2) -> int
 
 def load_optimizer_state(ckpt: Dict[str, Any], path: str, optimizer: Optional[torch.optim.Optimizer] = None,
                          scaler: Optional[torch.amp.GradScaler] = None) -> None:
-    """Load a training checkpoint's optimizer and loss-scaler state (the weights: ``util.convert.load_model_state``)."""
+    """Load a training checkpoint's optimizer and loss-scaler state.
+
+    The weights: ``util.checkpoints.convert.load_model_state``."""
     if optimizer is not None and ckpt.get("optimizer"):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])

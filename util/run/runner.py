@@ -1,12 +1,12 @@
 """Run set-up, shared by every ``main_*`` script: what exists before any data or model is built.
 
-* distributed initialisation (``util/dist.py``), device, mixed-precision dtype, seeding;
-* the output folder: locked for this run (``util/lock.py``: one run per folder; rank 0 holds the
+* distributed initialisation (``util/run/dist.py``), device, mixed-precision dtype, seeding;
+* the output folder: locked for this run (``util/run/lock.py``: one run per folder; rank 0 holds the
   lock until the run ends), the partial checkpoints of dead writers removed, then checked
   writable, in that order, so that a disk filled by a killed run's partial file gets its space
   back before anything tests it;
 * logging (rank 0 only), TensorBoard;
-* the SIGTERM / SIGUSR1 handlers of preemption (``util/preempt.py``), put back when the run ends.
+* the SIGTERM / SIGUSR1 handlers of preemption (``util/run/preempt.py``), put back when the run ends.
 
 Use it as a context manager (``with start_run(cfg) as run:``): the handlers are restored and the
 process group is left however the script ends. Rank 0 takes the decisions that depend on the file
@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from util import checkpoint as ckpt_util
-from util import dist as dist_util
-from util import lock as lock_util
-from util.config import RunConfig
-from util.errors import Preempted, UserError
-from util.misc import TensorBoard, check_writable, resolve_amp, save_json, seed_everything, setup_logging, to_plain
-from util.preempt import StopSignal, all_ranks, write_preempted_marker
+from util.checkpoints import reader as ckpt_util
+from util.checkpoints.files import check_writable, save_json, to_plain
+from util.config.typed import RunConfig
+from util.run import dist as dist_util
+from util.run import lock as lock_util
+from util.run.amp import resolve_amp
+from util.run.errors import Preempted, UserError
+from util.run.logs import TensorBoard, setup_logging
+from util.run.preempt import StopSignal, all_ranks, write_preempted_marker
+from util.run.seed import seed_everything
 
 import torch
 

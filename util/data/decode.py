@@ -42,7 +42,7 @@ import io
 from collections import Counter
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
-from util.errors import UserError
+from util.run.errors import UserError
 
 import numpy as np
 import torch

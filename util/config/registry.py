@@ -5,7 +5,7 @@ with the list of valid names, so a typo on the command line is answered with the
 """
 from typing import Callable, Dict, List
 
-from util.errors import UserError
+from util.run.errors import UserError
 
 # the standard ViT sizes (ViT / DeiT / MAE papers), shared by the pre-training and fine-tuning registries
 VIT_ARCHS: Dict[str, Dict[str, int]] = {
