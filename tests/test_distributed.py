@@ -175,6 +175,7 @@ def test_one_step_on_two_processes_equals_one_process_on_the_whole_batch(tmp_pat
         assert changed > 100, "the step must update the weights"
 
 
+@pytest.mark.slow  # sibling: test_shards' test_eval_reads_each_image_once_across_ranks (the same split, in-process)
 def test_dist_eval_counts_every_image_once(small_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small_folder / "val", data / "val")

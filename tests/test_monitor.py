@@ -322,6 +322,7 @@ def test_pca_colours_map_equal_features_to_equal_colours():
     assert abs(torch.corrcoef(torch.stack([ref.reshape(-1, 3)[:, 0], x @ top]))[0, 1]) > 0.999
 
 
+@pytest.mark.slow  # three trainings; siblings: test_analysis' visualization of pixel and CLIP checkpoints
 def test_visualize_draws_hog_and_teacher_checkpoints(small_folder, tmp_path, capsys):
     from util.run.errors import run_cli
 

@@ -368,6 +368,7 @@ def test_the_lock_is_per_folder_in_one_process_and_a_lock_from_another_host_is_t
 # exit status under the launchers
 
 
+@pytest.mark.slow  # siblings: test_trainer's in-process SIGTERM of every job, test_loaders' SIGTERM with workers
 def test_sigterm_to_the_torchrun_script_stops_every_rank_cleanly_exits_3_and_prints_no_traceback(small_folder,
                                                                                                 tmp_path):
     data = tmp_path / "data"

@@ -180,6 +180,7 @@ def test_order_does_not_depend_on_workers_0_or_1(small_shards):
     assert run(0) == run(1)
 
 
+@pytest.mark.slow  # siblings: test_resume_on_shards_is_the_tail_of_the_stream, test_eval_reads_each_image_once_across_ranks
 def test_two_gloo_processes_see_every_sample_once(small_shards, tmp_path):
     """2 ranks x 2 loader workers: one epoch covers the 80 samples exactly once; resuming each rank at
     step 3 continues with exactly the uninterrupted batches."""

@@ -54,6 +54,7 @@ def test_train_lr_is_what_the_optimizer_applied(small_folder, tmp_path, monkeypa
     assert train_lrs(tmp_path / "wrong") == pytest.approx([v / 2 for v in right], rel=1e-12)
 
 
+@pytest.mark.slow  # sibling: test_train_lr_is_what_the_optimizer_applied (the same sum, uninterrupted)
 def test_a_resumed_epoch_logs_the_lr_of_all_its_steps(small_folder, tmp_path, monkeypatch, one_torch_thread):
     """Stopped mid-epoch by SIGTERM, the lr read back before the stop travels in checkpoint-last.pth:
     a wrong lr applied only before the stop still shows in the resumed epoch's train_lr."""

@@ -124,8 +124,8 @@ def finetune_reference(small_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kill_after", ["checkpoint-last.pth:2", *(  # one kill point fast, the series in test-all
-    pytest.param(k, marks=pytest.mark.slow) for k in ("checkpoint-1.pth:1", "checkpoint-best.pth:1", "log.txt:2"))])
+@pytest.mark.slow  # the series of kill points; fast sibling: test_linear_eval's kill -9 mid-run, resumed to the same table
+@pytest.mark.parametrize("kill_after", ["checkpoint-last.pth:2", "checkpoint-1.pth:1", "checkpoint-best.pth:1", "log.txt:2"])
 def test_a_kill_during_the_epoch_commit_loses_and_duplicates_nothing(kill_after, finetune_reference, small_folder,
                                                                       tmp_path):
     argv = [*TINY_FINETUNE, "--epochs", "3", "--data_path", str(small_folder), "--output_dir", str(tmp_path)]
