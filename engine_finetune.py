@@ -209,10 +209,7 @@ def eval_sources(run: Run, c: ClassifyConfig) -> Tuple[Optional[str], Optional[s
         return c.train.resume, c.train.resume
     if c.model.finetune:
         return c.model.finetune, None
-    if not c.train.auto_resume:
-        return None, None
-    found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
-    found = dist_util.broadcast_object(str(found) if found else None)
+    found = ckpt_util.resume_source(run.out_dir, None, c.train.auto_resume, run.is_main)
     return found, found
 
 

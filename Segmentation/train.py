@@ -39,7 +39,6 @@ from util.config.cli import (
 )
 from util.config.typed import FlagConfig, RunConfig, TrainConfig, flag_dict
 from util.data.datasets import eval_loader
-from util.run import dist as dist_util
 from util.run.amp import make_scaler
 from util.run.errors import run_cli
 from util.run.logs import fmt_seconds
@@ -314,10 +313,7 @@ def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) ->
             _log.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", run.device)
 
     if f.eval:
-        path: Optional[str] = train.resume or None
-        if path is None and train.auto_resume:
-            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
-            path = dist_util.broadcast_object(str(found) if found else None)
+        path = ckpt_util.resume_source(run.out_dir, train.resume, train.auto_resume, run.is_main)
         ckpt: Dict[str, Any] = {}
         if path is not None:
             ckpt = ckpt_util.read_checkpoint(path, check=True)

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from util.checkpoints import hub, serialization
 from util.checkpoints.files import parse_temp, pid_running, write_atomic
+from util.run import dist as dist_util
 from util.run.errors import UserError
 
 import torch
@@ -276,6 +277,18 @@ def find_resume(output_dir: Path) -> Optional[Path]:
             continue
         return path
     return None
+
+
+def resume_source(output_dir: Path, resume: Optional[str], auto_resume: bool, is_main: bool) -> Optional[str]:
+    """The checkpoint a run continues from, the same on every process: ``--resume FILE`` as given;
+    else, with auto-resume, :func:`find_resume` in ``output_dir`` (searched by rank 0, its choice
+    broadcast, so that every rank loads the same file); else None (a fresh start)."""
+    if resume:
+        return resume
+    if not auto_resume:
+        return None
+    found = find_resume(output_dir) if is_main else None
+    return dist_util.broadcast_object(str(found) if found else None)
 
 
 def estimated_size(model: nn.Module, optimizer_states_per_param: int = 2) -> int:

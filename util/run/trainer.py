@@ -485,10 +485,7 @@ class Trainer:
         continue at. Also completes that checkpoint's commit and drops ``log.txt`` lines past it."""
         run, cfg, job = self.run, self.cfg, self.job
         check_free_space(run.out_dir, ckpt_util.estimated_size(job.model), "one checkpoint")
-        path: Optional[str] = cfg.resume or None
-        if path is None and cfg.auto_resume:
-            found = ckpt_util.find_resume(run.out_dir) if run.is_main else None
-            path = dist_util.broadcast_object(str(found) if found else None)
+        path = ckpt_util.resume_source(run.out_dir, cfg.resume, cfg.auto_resume, run.is_main)
         if path is None:
             start = cfg.start_epoch * self.steps_per_epoch
             run.on_main(lambda: self._tidy_log(start))
