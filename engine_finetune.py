@@ -14,8 +14,7 @@ from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, c
 from util.data.build import check_data
 from util.data.build import classification_data as build_classification_data
 from util.data.datasets import AugConfig, check_augmentation, with_decode
-from util.run import dist as dist_util
-from util.run.amp import autocast, make_scaler
+from util.run.amp import make_scaler
 from util.run.errors import UserError
 from util.run.logs import fmt_seconds
 from util.run.lr_sched import cosine_schedule
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import models_vit
+from evaluation.classification import evaluate
 
 _log = logging.getLogger(__name__)
 
@@ -97,43 +97,6 @@ def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable] = Non
         return loss, loss.detach()[None]
 
     return loss_fn
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             amp_dtype: Optional[torch.dtype], reduce: bool) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over ``loader``.
-
-    Counts are summed on the device and read once at the end. With ``reduce`` (``--dist_eval``)
-    each rank holds a disjoint shard (no padding) and the counts are summed over ranks, so every
-    validation image is counted exactly once.
-    """
-    model.eval()
-    if reduce and dist_util.get_world_size() > 1:
-        # every shard must see the model that rank 0 saves: buffers (a probe's BatchNorm statistics)
-        # are not synchronised during training (broadcast_buffers=False)
-        for buf in model.buffers():
-            torch.distributed.broadcast(buf, src=0)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
-    for imgs, labels in loader:
-        imgs = imgs.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(imgs)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        sums += torch.stack([
-            hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-            torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-        ])
-    if reduce:
-        dist_util.all_reduce_sum(sums)
-    c1, c5, loss, n = sums.tolist()
-    n = max(n, 1.0)
-    return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
 
 
 def evaluate_and_report(run: Run, model: nn.Module, val_loader, dist_eval: bool) -> Dict[str, float]:

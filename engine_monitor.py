@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from util import knn
 from util.config.cli import increasing, nonneg_int, positive_float, positive_int, str2list
 from util.config.typed import FlagConfig
 from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -40,6 +39,8 @@ import torch
 from torch import nn
 
 import models_vit
+from evaluation import knn
+from evaluation.features import POOLS
 from models_deepmim import DeepMIM
 from targets.base import Target, compute_targets
 from targets.losses import LOSSES
@@ -47,7 +48,6 @@ from targets.pixel import PixelTarget, patch_mean_std, patchify, unpatchify
 
 _log = logging.getLogger(__name__)
 
-POOLS = {"cls": "token", "avg": "avg"}  # logged name -> models_vit.ViT pooling
 AUTO_MAX_IMAGES = 200_000  # --knn_every / --recon_every auto: on for training folders up to this size
 AUTO_EVERY = 2  # epochs between evaluations when auto turns the monitor on
 CACHE_BYTES = 256 * 2**20  # a process keeps its decoded k-NN images when they take at most this

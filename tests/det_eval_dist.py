@@ -16,7 +16,8 @@ from util.run import dist as dist_util
 import torch
 from torch.utils.data import DataLoader
 
-from Detection import data, evaluation, models
+from Detection import data, models
+from evaluation import coco as evaluation
 
 
 def main(root: str, out: Path) -> None:

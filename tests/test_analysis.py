@@ -12,6 +12,7 @@ from PIL import Image
 
 import models_deepmim
 import models_vit
+from evaluation import probes
 from targets.pixel import patchify
 from tools import attention_analysis, probe_layers, visualize
 
@@ -63,8 +64,8 @@ def test_probe_separates_linearly_separable_features_from_xor():
 
     tx, t_sep, t_xor = blobs(400)
     vx, v_sep, v_xor = blobs(400)
-    assert probe_layers.probe_accuracy(tx, t_sep, vx, v_sep) == 100.0  # a line separates the classes
-    assert probe_layers.probe_accuracy(tx, t_xor, vx, v_xor) < 65.0  # XOR: no line does better than ~50 %
+    assert probes.probe_accuracy(tx, t_sep, vx, v_sep) == 100.0  # a line separates the classes
+    assert probes.probe_accuracy(tx, t_xor, vx, v_xor) < 65.0  # XOR: no line does better than ~50 %
 
 
 def test_probe_tool_on_two_checkpoints_of_different_layouts(two_checkpoints, small_folder, tmp_path):
@@ -82,10 +83,10 @@ def test_probe_tool_on_two_checkpoints_of_different_layouts(two_checkpoints, sma
 
 def test_few_per_class_takes_k_of_every_class():
     labels = np.array([0] * 5 + [1] * 2 + [2] * 4)
-    idx = probe_layers.few_per_class(labels, 3, seed=0)
+    idx = probes.few_per_class(labels, 3, seed=0)
     assert np.bincount(labels[idx]).tolist() == [3, 2, 3]  # class 1 has only 2
     assert idx.tolist() == sorted(set(idx.tolist()))
-    assert probe_layers.few_per_class(labels, 3, seed=0).tolist() == idx.tolist()  # seeded
+    assert probes.few_per_class(labels, 3, seed=0).tolist() == idx.tolist()  # seeded
 
 
 def test_one_pass_features_equal_the_per_layer_features(two_checkpoints, small_folder):

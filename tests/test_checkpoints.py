@@ -17,7 +17,7 @@ import main_linprobe
 import main_pretrain
 import models_deepmim
 import models_vit
-from engine_finetune import evaluate
+from evaluation.classification import evaluate
 from Segmentation import train as seg_train
 from targets.base import TargetConfig
 from targets.registry import build_targets

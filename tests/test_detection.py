@@ -19,9 +19,10 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import models_vit
-from Detection import data, evaluation, models
+from Detection import data, models
 from Detection.make_synthetic import CATEGORIES
 from Detection.make_synthetic import build as build_synthetic
+from evaluation import coco as evaluation
 from tools import convert_checkpoint
 
 TINY = "vitdet_mask_rcnn_vit_tiny_patch4"  # ViT-Ti/4, 4 blocks, 64 px, window 4, global blocks 2 and 4

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from util import import_wandb, knn
+from util import import_wandb
 from util.config.cli import UsageError
 from util.run.errors import UserError
 from util.run.lr_sched import cosine_schedule
@@ -19,6 +19,7 @@ from conftest import ROOT, clean_env, read_log, run_pretrain, run_script
 
 import main_pretrain
 from engine_monitor import MonitorConfig
+from evaluation import knn
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--input_size", "16", "--decoder_depth", "1", "--device", "cpu",
         "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1.5e-3", "--no_auto_resume"]

@@ -91,12 +91,12 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import models_vit
+from evaluation.classification import sync_buffers
+from evaluation.features import POOL_LABEL, VIT_POOLS, gather_by_index, indexed_batches, pooled_features
 from tools.common import progress, progress_logging
 
 _log = logging.getLogger("linear_eval")
 
-POOLS = ("token", "avg")
-POOL_LABEL = {"token": "cls", "avg": "avg"}
 RESULTS_JSON, RESULTS_MD = "linear_eval.json", "linear_eval.md"
 
 
@@ -134,7 +134,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("heads")
     h.add_argument("--layers", default=None, type=str2list(positive_int, increasing), metavar="K,K,...",
                    help="encoder blocks, 1-based, e.g. 6,8,10,12 (default: all)")
-    h.add_argument("--pool", nargs="+", default=list(POOLS), choices=POOLS, help="token: cls token; avg: mean patch token")
+    h.add_argument("--pool", nargs="+", default=list(VIT_POOLS), choices=VIT_POOLS,
+                   help="token: cls token; avg: mean patch token")
     h.add_argument("--recipe", default="dinov2", choices=sorted(RECIPES), help="dinov2: SGD + cosine; mae: LARS + BN head")
     h.add_argument("--blrs", nargs="+", type=positive_float, default=None, metavar="BLR",
                    help="base learning rates, one head each (lr = blr * total batch / 256; default: the recipe's grid)")
@@ -172,7 +173,7 @@ class EvalFlags(FlagConfig):
     num_heads: Optional[int] = None
     input_size: Optional[int] = None
     layers: Optional[Tuple[int, ...]] = None
-    pool: Tuple[str, ...] = POOLS
+    pool: Tuple[str, ...] = VIT_POOLS
     recipe: str = "dinov2"
     blrs: Tuple[float, ...] = ()
     warmup_epochs: float = 0.0
@@ -250,7 +251,7 @@ class LinearHeads(nn.Module):
         self.heads = nn.ModuleDict()
         for s in self.specs:
             linear = nn.Linear(dim, num_classes)
-            gen = torch.Generator().manual_seed(derive_seed(seed, s.layer, POOLS.index(s.pool)))
+            gen = torch.Generator().manual_seed(derive_seed(seed, s.layer, VIT_POOLS.index(s.pool)))
             nn.init.trunc_normal_(linear.weight, std=0.01, generator=gen)
             nn.init.zeros_(linear.bias)
             self.heads[s.name] = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if batch_norm \
@@ -276,31 +277,8 @@ def head_optimizer(heads: LinearHeads, recipe: str, weight_decay: float) -> torc
     return torch.optim.SGD(groups, lr=1.0, momentum=0.9)
 
 
-def pooled_features(encoder: models_vit.ViT, imgs: torch.Tensor, features: Sequence[Tuple[int, str]]) -> torch.Tensor:
-    """The features of ``features`` ((layer, pool) pairs) from one forward pass: [K, B, D] float32."""
-    layers = sorted({layer for layer, _ in features})
-    pools = [p for p in POOLS if any(p == q for _, q in features)]
-    out = encoder.multi_layer_features(imgs, layers, pools)
-    return torch.stack([out[pool][layers.index(layer)].float() for layer, pool in features])
-
-
 # --------------------------------------------------------------------------------------------
 # cached features
-
-
-def indexed_batches(reader: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(images, labels, sample indices)`` of an evaluation reader (this process's share).
-
-    Shards return their sample ids; an image folder's loader reads its sampler's indices in order.
-    """
-    if isinstance(reader, ShardEvalData):
-        yield from reader
-        return
-    ids = torch.as_tensor(list(reader.sampler))
-    pos = 0
-    for imgs, labels in reader:
-        yield imgs, labels, ids[pos:pos + len(labels)]
-        pos += len(labels)
 
 
 @torch.no_grad()
@@ -315,34 +293,6 @@ def encode(encoder: models_vit.ViT, features: Sequence[Tuple[int, str]], batches
             feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), features).cpu())
         rest.append([torch.as_tensor(t) for t in others])
     return (torch.cat(feats, dim=1), *[torch.cat(col) for col in zip(*rest)])
-
-
-def gather_by_index(feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, total: int,
-                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every process's share ([K, n_r, D], [n_r], sample ids [n_r]) -> the whole set in index order
-    ([K, total, D], [total]) on every process (one all-gather; shares padded to the largest)."""
-    world = dist_util.get_world_size()
-    if world > 1:
-        longest = -(-total // world) + 1  # no share of a disjoint split is longer (folders: ceil; shards: floor + 1)
-        pad = longest - labels.numel()
-        parts = [torch.nn.functional.pad(feats, (0, 0, 0, pad)), torch.nn.functional.pad(labels.long(), (0, pad), value=-1),
-                 torch.nn.functional.pad(ids.long(), (0, pad), value=-1)]
-        gathered = []
-        for t in parts:
-            t = t.to(device).contiguous()
-            out = [torch.empty_like(t) for _ in range(world)]
-            torch.distributed.all_gather(out, t)
-            gathered.append(torch.cat(out, dim=-2 if t.dim() == 3 else 0).cpu())
-        feats, labels, ids = gathered
-        keep = ids >= 0
-        feats, labels, ids = feats[:, keep], labels[keep], ids[keep]
-    if ids.numel() != total or not torch.equal(torch.sort(ids).values, torch.arange(total)):
-        raise RuntimeError(f"the feature cache holds {ids.numel()} samples of {total}, not each once")
-    full = torch.empty(feats.shape[0], total, feats.shape[2], dtype=feats.dtype)
-    full[:, ids] = feats
-    full_labels = torch.empty(total, dtype=torch.long)
-    full_labels[ids] = labels.long()
-    return full, full_labels
 
 
 class CachedFeatures:
@@ -401,7 +351,7 @@ def results_table(specs: Sequence[HeadSpec], top1: Dict[str, float], diverged: S
 def markdown(doc: Dict[str, Any]) -> str:
     """``linear_eval.md``: the best lr per layer and pooling, then every lr's top-1."""
     rows, blrs = doc["table"], [f"{b:g}" for b in doc["blrs"]]
-    pools = [p for p in POOLS if any(r["pool"] == p for r in rows)]
+    pools = [p for p in VIT_POOLS if any(r["pool"] == p for r in rows)]
     done = doc["epochs_done"]
     state = "" if doc["complete"] else f" (partial: after {done} of {doc['epochs']} epochs)"
     lines = [f"# Linear evaluation of every layer{state}", "",
@@ -491,9 +441,7 @@ class LinearEvalJob(Job):
     def evaluate(self) -> Tuple[Dict[str, float], int, List[str]]:
         """Every head's top-1 (%) on the validation set, the number of images, the diverged heads."""
         heads, device = self.model.eval(), self.run.device
-        if dist_util.get_world_size() > 1:
-            for buf in heads.buffers():  # BatchNorm statistics are not synchronised during training
-                torch.distributed.broadcast(buf, src=0)
+        sync_buffers(heads)
         correct = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         count = torch.zeros(1, dtype=torch.float64, device=device)
         for x, labels in self.val():
@@ -602,7 +550,7 @@ def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
     bad = [k for k in layers if not 1 <= k <= depth]
     if bad:
         raise UserError(f"--layers {','.join(map(str, bad))}: outside 1..{depth} for this {depth}-block encoder.")
-    features = [(layer, pool) for layer in sorted(set(layers)) for pool in POOLS if pool in f.pool]
+    features = [(layer, pool) for layer in sorted(set(layers)) for pool in VIT_POOLS if pool in f.pool]
     spec = models_vit.checkpoint_spec(ckpt)
     model_name = f.model or spec["model"] or (f"ViT width {ckpt.arch['embed_dim']}, depth {depth}, "
                                               f"patch {ckpt.arch['patch_size']}")
@@ -655,7 +603,7 @@ def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
     source = checkpoint_id(f.finetune)
     meta = {"checkpoint": source, "model": model_name, "input_size": size, "recipe": f.recipe,
             "recipe_text": recipe.what, "epochs": t.epochs, "total_batch": total_batch, "blrs": list(f.blrs),
-            "layers": sorted(set(layers)), "pools": [p for p in POOLS if p in f.pool], "cache_features": f.cache_features,
+            "layers": sorted(set(layers)), "pools": [p for p in VIT_POOLS if p in f.pool], "cache_features": f.cache_features,
             "seed": c.run.seed, "weight_decay": f.weight_decay, "warmup_epochs": f.warmup_epochs}
     trainer_cfg = epoch_trainer_config(t, c.run.seed, steps)
     job = LinearEvalJob(run, encoder, heads, optimizer, schedule, features, val, t.epochs, f.eval_every,

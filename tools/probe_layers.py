@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import shlex
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +48,8 @@ import numpy as np
 import torch
 
 import models_vit
+from evaluation.features import POOL_LABEL, VIT_POOLS
+from evaluation.probes import few_per_class, probe_accuracy
 from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device
 
 _log = logging.getLogger("probe_layers")
@@ -61,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="output_dir/probe_layers", help="results (JSON) and the plot")
     p.add_argument("--recipe", default="fast", choices=["fast", "linprobe"],
                    help="fast: logistic regression on cached features; linprobe: print main_linprobe.py commands")
-    p.add_argument("--pool", nargs="+", default=["token", "avg"], choices=["token", "avg"],
+    p.add_argument("--pool", nargs="+", default=list(VIT_POOLS), choices=VIT_POOLS,
                    help="features probed: the cls token and / or the average of the patch tokens")
     p.add_argument("--train_per_class", nargs="+", type=nonneg_int, default=[0], metavar="N",
                    help="training images per class for the probe (0: all); several values give several probes")
@@ -100,31 +101,6 @@ def extract_features(model: models_vit.ViT, dataset, batch_size: int, pools: Seq
             chunks[pool].append(torch.stack(feats[pool]).float().cpu().numpy())  # [depth, n, D]
         labels.append(y.numpy())
     return {pool: np.concatenate(c, axis=1) for pool, c in chunks.items()}, np.concatenate(labels)
-
-
-def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                   C: float = 1.0, max_iter: int = 1000, seed: int = 0) -> float:
-    """Top-1 (%) on val of a logistic regression fitted on standardized train features [N, D]."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
-        # a probe that stops at max_iter is still a valid (slightly under-fitted) probe; it is logged
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(scaler.transform(train_x), train_y)
-    if int(np.max(clf.n_iter_)) >= max_iter:
-        _log.info("logistic regression stopped at --max_iter %d before converging", max_iter)
-    return float(100.0 * (clf.predict(scaler.transform(val_x)) == val_y).mean())
-
-
-def few_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices of ``k`` random samples of every class (all of a class that has fewer), sorted."""
-    rng = np.random.RandomState(seed)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
-    return np.sort(np.concatenate(picks))
 
 
 def probe_keys(pools: Sequence[str], train_per_class: Sequence[int]) -> List[Tuple[str, str, int]]:
@@ -171,7 +147,7 @@ def plot_curves(results: Dict[str, Dict[str, List[float]]], path: Path, title: s
         for key, accs in per_key.items():
             pool, _, shots = key.partition("_")
             ax.plot(range(1, len(accs) + 1), accs, styles[pool], marker="o", ms=3,
-                    label=f"{name} ({'cls' if pool == 'token' else 'avg'}{', ' + shots if shots else ''})")
+                    label=f"{name} ({POOL_LABEL[pool]}{', ' + shots if shots else ''})")
     ax.set_xlabel("encoder layer")
     ax.set_ylabel("linear-probe top-1 (%)")
     ax.set_title(title or "linear probe of every layer")
