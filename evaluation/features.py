@@ -17,7 +17,7 @@ POOL_LABEL = {vit: name for name, vit in POOLS.items()}
 def pooled_features(encoder: models_vit.ViT, imgs: torch.Tensor, features: Sequence[Tuple[int, str]]) -> torch.Tensor:
     """The features of ``features`` ((layer, pool) pairs) from one forward pass: [K, B, D] float32."""
     layers = sorted({layer for layer, _ in features})
-    pools = [p for p in POOLS if any(p == q for _, q in features)]
+    pools = [p for p in VIT_POOLS if any(p == q for _, q in features)]
     out = encoder.multi_layer_features(imgs, layers, pools)
     return torch.stack([out[pool][layers.index(layer)].float() for layer, pool in features])
 
