@@ -21,7 +21,16 @@ from Segmentation import convert_mmseg, make_synthetic
 from Segmentation import demo as seg_demo
 from Segmentation import models as seg_models
 from Segmentation import train as seg_train
-from tools import attention_analysis, benchmark, convert_checkpoint, linear_eval, probe_layers, run_experiments, visualize
+from tools import (
+    attention_analysis,
+    benchmark,
+    compare_logs,
+    convert_checkpoint,
+    linear_eval,
+    probe_layers,
+    run_experiments,
+    visualize,
+)
 from tools import demo as demo_tool
 
 TINY = ["--model", "deepmim_vit_tiny_patch4", "--device", "cpu", "--num_workers", "0", *NO_MONITORS]
@@ -37,7 +46,7 @@ PARSERS = {  # every script with flags: main_*, Segmentation/*, tools/* and the 
     "tools/probe_layers.py": probe_layers.get_args_parser, "tools/visualize.py": visualize.get_args_parser,
     "tools/attention_analysis.py": attention_analysis.get_args_parser,
     "tools/run_experiments.py": run_experiments.get_args_parser, "tools/benchmark.py": benchmark.get_args_parser,
-    "tools/linear_eval.py": linear_eval.get_args_parser,
+    "tools/linear_eval.py": linear_eval.get_args_parser, "tools/compare_logs.py": compare_logs.get_args_parser,
 }
 
 

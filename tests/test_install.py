@@ -19,7 +19,7 @@ REQUIRED = ("main_pretrain", "util", "targets", "tools.demo", "Segmentation.trai
 SCRIPTS = ("main_pretrain", "main_finetune", "main_linprobe", "engine_monitor", "Segmentation.train",
            "Segmentation.inference", "Segmentation.demo", "tools.demo", "tools.linear_eval", "tools.probe_layers",
            "tools.attention_analysis", "tools.visualize", "tools.convert_checkpoint", "tools.make_shards",
-           "tools.benchmark", "tools.benchmark_data", "tools.run_experiments")
+           "tools.benchmark", "tools.benchmark_data", "tools.run_experiments", "tools.compare_logs")
 
 
 def tracked(pattern: str):
