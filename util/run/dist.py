@@ -225,6 +225,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order, on every rank (picklable values)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL)
+    return out
+
+
 def cleanup() -> None:
     global _CONTROL
     if dist.is_available() and dist.is_initialized():

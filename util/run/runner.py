@@ -14,6 +14,7 @@ system and shares them (:meth:`Run.on_main`), so ranks never disagree because of
 network-file-system view and never wait forever in a collective for a rank 0 that failed.
 """
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -23,6 +24,7 @@ from util.checkpoints.files import check_writable, save_json, to_plain
 from util.config.typed import RunConfig
 from util.run import dist as dist_util
 from util.run import lock as lock_util
+from util.run import provenance
 from util.run.amp import resolve_amp
 from util.run.errors import Preempted, UserError
 from util.run.logs import TensorBoard, setup_logging
@@ -74,9 +76,15 @@ class Run:
         return to_plain({**flags, **launch, **resolved})
 
     def save_config(self, args: Dict[str, Any], **extra: Any) -> None:
-        """The resolved flags (and e.g. the model config) as ``config.json``."""
+        """The resolved flags (and e.g. the model config) and the run's provenance (code, stack,
+        hardware, hosts, command line, numerics settings: :mod:`util.run.provenance`) as
+        ``config.json``; the provenance printed once as a short block. Every rank calls it (each
+        reports its host)."""
+        hosts = dist_util.all_gather_object(socket.gethostname())
         if self.is_main:
-            save_json({"args": args, **extra}, self.out_dir / "config.json")
+            record = provenance.collect(self.device, self.info.world_size, hosts)
+            _log.info("run provenance:\n  %s", provenance.summary(record).replace("\n", "\n  "))
+            save_json({"args": args, **extra, "provenance": record}, self.out_dir / "config.json")
 
     def preempted(self, where: str) -> None:
         """Every rank: after checkpoint-last.pth is on disk, requeue (rank 0), then raise :class:`Preempted`.
