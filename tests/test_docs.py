@@ -79,7 +79,9 @@ def test_every_relative_link_and_anchor_resolves(md):
 # how or where the project was built is no part of it: the project speaks of itself only
 # (the phrases are split so that this file does not match itself, nor any grep for them)
 PHRASES = ["sessions? (that|which) " + "built", "work" + "place", "device " + "tool", "device " + "machine",
-           "with " + "carry", "built " + "this repo", "on a slower " + "day", "one day's " + "machine"]
+           "with " + "carry", "built " + "this repo", "on a slower " + "day", "one day's " + "machine",
+           "development " + "(machine|cpu)", "device " + "image", "of device " + "time", "no gpu " + "was available",
+           "had " + "no gpu"]
 BUILT = re.compile("|".join(PHRASES), re.IGNORECASE)
 
 
