@@ -55,7 +55,7 @@ CACHE_BYTES = 256 * 2**20  # a process keeps its decoded k-NN images when they t
 
 def add_monitor_args(parser: argparse.ArgumentParser) -> None:
     """The monitor's flags (k-NN accuracy, reconstructions in TensorBoard, W&B) for ``main_pretrain.py``."""
-    g = parser.add_argument_group("monitoring", "what is watched during pre-training (README: Monitoring)")
+    g = parser.add_argument_group("monitoring", "what is watched during pre-training (docs/PRETRAIN.md: Monitoring)")
     g.add_argument("--knn_every", default=None, type=nonneg_int, metavar="N",
                    help=f"k-NN accuracy every N epochs and at the last (0: off; default: every {AUTO_EVERY} for an "
                         f"image folder with train/ and val/ of at most {AUTO_MAX_IMAGES} training images, else off)")

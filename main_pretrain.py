@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--decoder_num_heads", default=None, type=positive_int, metavar="N",
                    help="decoder heads, dividing the decoder width (default: the model's, 16)")
 
-    t = p.add_argument_group("reconstruction targets", "what the decoders reconstruct (README: Reconstruction targets)")
+    t = p.add_argument_group("reconstruction targets", "what the decoders reconstruct (docs/PRETRAIN.md: Reconstruction targets)")
     t.add_argument("--target", default=None, choices=TARGETS.names(),
                    help="the target of every supervised layer: pixel (MAE), hog (MaskFeat), clip (--clip_path), "
                         "teacher (--teacher_model). Default: clip when --clip_path / --clip_model is given, else pixel")

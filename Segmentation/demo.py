@@ -27,7 +27,7 @@ RECIPE = ["--data_path", "synthetic", "--model", "vit_tiny_patch4", "--out_indic
 def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     # the demo's tensors are tiny: a second thread gains little, and on a busy 2-core machine OpenMP
-    # threads waiting for each other made training several times slower (measured 0.2 vs 1-3 s/iteration)
+    # threads waiting for each other make training several times slower (docs/PERFORMANCE.md)
     torch.set_num_threads(args.threads)
     stats = train.main(train.get_args_parser().parse_args(
         [*RECIPE, "--num_workers", str(args.num_workers), "--output_dir", args.output_dir]))

@@ -27,7 +27,7 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TargetConfig(FlagConfig):
-    """The reconstruction-target flags of ``main_pretrain.py`` (README: Reconstruction targets)."""
+    """The reconstruction-target flags of ``main_pretrain.py`` (docs/PRETRAIN.md: Reconstruction targets)."""
 
     target: Optional[str] = None
     ds_targets: Optional[Tuple[str, ...]] = None

@@ -104,7 +104,7 @@ def test_the_logged_knn_is_that_of_the_weights_at_each_epoch(small_folder, tmp_p
     logged k-NN equals a fresh monitor's on that epoch's checkpoint, and it moves as the weights do.
 
     (Whether it rises is a property of the recipe, not of the monitor: on the digits, a few epochs of
-    the demo's recipe leave it flat or lower than the random encoder's; README: Monitoring.)
+    the demo's recipe leave it flat or lower than the random encoder's; docs/PRETRAIN.md: Monitoring.)
     """
     from engine_monitor import KnnMonitor
     from tools.visualize import load_pretrained

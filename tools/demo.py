@@ -1,7 +1,7 @@
 """The CPU demo (``make demo``): DeepMIM pre-training on the built-in digits, then fine-tuning.
 
 Both stages run at 16x16 pixels (the digits are 8x8 at heart, stored as 32x32 PNGs), which keeps
-the whole demo near two and a half minutes on 2 idle CPU cores; the model is
+the whole demo within minutes on 2 CPU cores (docs/PERFORMANCE.md); the model is
 ``deepmim_vit_tiny_patch4`` (ViT-Ti, patch 4, depth 12, supervised layers 6/8/10/12) with the
 normalized-pixel target. Pre-training logs the k-NN accuracy of layers 6, 8, 10 and 12 every two
 epochs (``engine_monitor.py``) and draws the reconstructions into TensorBoard every four; the demo
@@ -14,8 +14,8 @@ more on the same validation digits read as tar shards (``digits-shards``): the s
 the same accuracy.
 
 ``--threads N`` pins torch's CPU threads, 1 by default, as ``make seg-demo`` does: the tensors are
-tiny, and OpenMP threads waiting for each other on a loaded 2-core machine made the demo several
-times slower (measured 1.2 against 3.9 s/iteration). The thread count changes the last bits of the
+tiny, and OpenMP threads waiting for each other on a loaded 2-core machine make the demo several
+times slower (docs/PERFORMANCE.md). The thread count changes the last bits of the
 numbers (float sums in another order: 1 against 2 threads, the first epoch's mean loss 5.376196980
 against 5.376196742); one thread gives exactly the runs of the small study, which runs every job on
 one thread.

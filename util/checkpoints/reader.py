@@ -27,9 +27,8 @@ storage) carries its CRC-32, computed as it is written; ``torch.load`` does not 
 flipped bit in a tensor loads silently. :func:`verify` recomputes them: auto-resume
 (:func:`find_resume`) and ``--resume`` verify before use, so a checkpoint that changed on disk is
 skipped or refused with a message. This needs no change to MAE's format and works for any torch
-zip, released checkpoints included. Cost: one more pass over the file, 0.27-0.49 s for a 369 MB
-checkpoint against 0.35-0.60 s for its ``torch.load`` (2 shared CPU cores; from disk, the check
-reads the file and the load that follows finds it in the page cache), once per run. A sha256
+zip, released checkpoints included. Cost: one more pass over the file, once per run, shorter than
+the ``torch.load`` that follows (which then finds the file in the page cache; docs/PERFORMANCE.md). A sha256
 stored inside the file would cost a pass at save time as well and a slower hash, and could not
 cover the pickle that holds it. CRC-32 detects accidental corruption, not deliberate tampering:
 downloads are checked against their published sha256 (``util/checkpoints/hub.py``).

@@ -34,8 +34,8 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 def use_fused(device: torch.device, fused: Optional[bool]) -> bool:
     """Fused AdamW by default on CUDA and CPU (one kernel over all parameters).
 
-    On CPU the fused step measured 3.7x faster than the foreach one for the 5M-parameter demo model
-    (6.3 ms vs 23.6 ms); other devices keep the foreach implementation.
+    On CPU the fused step is several times faster than the foreach one (docs/PERFORMANCE.md); other
+    devices keep the foreach implementation.
     """
     return device.type in ("cuda", "cpu") if fused is None else bool(fused)
 

@@ -6,10 +6,9 @@ of them (a ``kill`` by hand), so the handler only records it; the ranks then agr
 boundary: every ``--stop_check_every`` optimizer steps each rank contributes what it received to
 an all-reduce (MAX) of one integer, and all of them stop after the same step. The all-reduce runs
 on a CPU (gloo) group, so it never waits for the GPU stream (no device synchronisation); it only
-makes the hosts meet, which DDP's gradient all-reduce makes them do within a step anyway. Measured
-on 2 CPU processes (gloo, a loaded 2-core machine): 0.14-0.40 ms per check. Checking every 10 steps
-costs about 0.04 ms per step, about 0.01 % of a 0.3-s ViT-B step (0.1 % at a pessimistic 3 ms per
-check across nodes), and stops within 10 steps, a few seconds, well inside SLURM's warning.
+makes the hosts meet, which DDP's gradient all-reduce makes them do within a step anyway. A check
+costs a fraction of a millisecond (docs/PERFORMANCE.md); every 10 steps it is negligible against a
+ViT-B step, and stops within 10 steps, a few seconds, well inside SLURM's warning.
 
 After agreeing, the runner writes ``checkpoint-last.pth`` (atomically, with ``step_in_epoch``), and
 every rank exits with :data:`EXIT_PREEMPTED`. On SIGUSR1 inside a SLURM job, rank 0 also asks SLURM

@@ -24,7 +24,7 @@ def seed_host(seed: int) -> None:
 
     ``torch.manual_seed`` also seeds CUDA, XPU and MTIA; where those are not initialised (a CPU
     machine, or a forked loader worker) each of them records ``traceback.format_stack()`` to replay
-    later, about 0.9 ms per call, a sixth of the reference pipeline's time per ImageNet image.
+    later, a cost per call comparable to decoding an ImageNet image (docs/PERFORMANCE.md).
     """
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed)
