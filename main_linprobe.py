@@ -75,12 +75,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups = add_classification_args(p, model=DEFAULT_MODEL, epochs=90, batch_size=512, global_pool=False)
     groups["model"].add_argument("--probe_layer", default=None, type=positive_int, metavar="K",
                                  help="encoder block to probe, 1-based (default: the last)")
-    add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10)
+    add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10, adamw=False)  # LARS
     add_run_args(p)
     p.set_defaults(save_every=10)
     set_help(p, blr="base learning rate of LARS: lr = blr * total batch size / 256",
-             weight_decay="LARS weight decay of the linear layer's weight (MAE: 0)",
-             fused_adamw="unused: linear probing trains with LARS")
+             weight_decay="LARS weight decay of the linear layer's weight (MAE: 0)")
     return p
 
 

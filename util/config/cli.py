@@ -300,7 +300,8 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> Dict
 
     dist = parser.add_argument_group("distributed")
     dist.add_argument("--world_size", default=1, type=positive_int, metavar="N",
-                      help="number of processes (set by the launcher)")
+                      help="MAE's flag, accepted for its command lines: the number of processes is the "
+                           "launcher's (WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE)")
     dist.add_argument("--local_rank", "--local-rank", default=-1, type=ranged(int, -1, name="local_rank"),
                       dest="local_rank", metavar="N",
                       help="set by python -m torch.distributed.launch (either spelling); -1: not launched by it")
@@ -311,9 +312,10 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> Dict
     return {"data": d, "output": o, "run": r, "distributed": dist}
 
 
-def add_adamw_args(g: Group, weight_decay: float, layer_decay: Optional[float] = None) -> None:
+def add_adamw_args(g: Group, weight_decay: float, layer_decay: Optional[float] = None, fused: bool = True) -> None:
     """AdamW flags every training script shares: ``--weight_decay``, ``--layer_decay`` (where the
-    script has one), ``--clip_grad``, ``--fused_adamw``."""
+    script has one), ``--clip_grad``, ``--fused_adamw`` (``fused``: not for a script whose optimizer
+    is not AdamW)."""
     g.add_argument("--weight_decay", type=nonneg_float, default=weight_decay, metavar="WD",
                    help="AdamW weight decay (not on biases, norms, tokens)")
     if layer_decay is not None:
@@ -321,12 +323,13 @@ def add_adamw_args(g: Group, weight_decay: float, layer_decay: Optional[float] =
                        help="layer-wise lr decay (BEiT / MAE): block i of L gets lr * decay^(L + 1 - i)")
     g.add_argument("--clip_grad", type=nonneg_float, default=None, metavar="NORM",
                    help="clip the gradient norm to NORM (default: off; 0 is off too)")
-    g.add_argument("--fused_adamw", default=None, action=argparse.BooleanOptionalAction,
-                   help="fused AdamW kernels (default: on for CUDA and CPU)")
+    if fused:
+        g.add_argument("--fused_adamw", default=None, action=argparse.BooleanOptionalAction,
+                       help="fused AdamW kernels (default: on for CUDA and CPU)")
 
 
 def add_optim_args(parser: argparse.ArgumentParser, blr: float, weight_decay: float, warmup_epochs: float,
-                   layer_decay: Optional[float] = None, min_lr: float = 0.0) -> Group:
+                   layer_decay: Optional[float] = None, min_lr: float = 0.0, adamw: bool = True) -> Group:
     """Learning-rate schedule and optimizer (lr = blr * effective batch / 256 unless --lr is set)."""
     g = parser.add_argument_group("optimizer and schedule")
     g.add_argument("--lr", type=positive_float, default=None, metavar="LR",
@@ -337,7 +340,7 @@ def add_optim_args(parser: argparse.ArgumentParser, blr: float, weight_decay: fl
                    help="lower bound of the cosine schedule")
     g.add_argument("--warmup_epochs", type=nonneg_float, default=warmup_epochs, metavar="N",
                    help="epochs of linear warm-up (fractions allowed)")
-    add_adamw_args(g, weight_decay, layer_decay)
+    add_adamw_args(g, weight_decay, layer_decay, fused=adamw)
     return g
 
 
@@ -366,9 +369,9 @@ def add_classification_args(parser: argparse.ArgumentParser, model: str, epochs:
     m.add_argument("--input_size", default=None, type=positive_int, metavar="PX",
                    help="image size (default: the model's, 224 or 32; with --eval: the checkpoint's)")
     m.add_argument("--global_pool", action="store_true", default=None,
-                   help=f"average-pool the patch tokens{' (the default)' if global_pool else ''}")
+                   help="average-pool the patch tokens")
     m.add_argument("--cls_token", action="store_false", dest="global_pool",
-                   help=f"use the cls token{'' if global_pool else ' (the default)'}")
+                   help="use the cls token")
     m.add_argument("--nb_classes", default=None, type=positive_int, metavar="N",
                    help="classes (default: the number of class folders; with --eval: the checkpoint's head)")
     f = add_weights_args(parser)
