@@ -1,16 +1,17 @@
 """What a researcher watches during pre-training, beside the losses: the k-NN accuracy of chosen
 encoder layers and the reconstruction figure of every supervised layer.
 
-* **k-NN monitor** (:class:`KnnMonitor`): DINO's weighted k-NN (``util/knn.py``: k = 20, T = 0.07,
+* **k-NN monitor** (:class:`KnnMonitor`): DINO's weighted k-NN (``evaluation/knn.py``: k = 20, T = 0.07,
   cosine of L2-normalized features, votes ``exp(cos / T)``) on the cls token and on the average of
   the patch tokens of each chosen layer, with a fixed, seeded, class-balanced subset of the training
   folder as the labelled set and one of the validation folder as the test set. The encoder is the
   pre-training model's own encoder without masking, in eval mode, without gradients, under the run's
   autocast: a timm ViT whose parameters *are* the DeepMIM model's (no copy), read through
   ``models_vit.ViT.multi_layer_features``, the per-layer features linear probing uses (raw block
-  output for intermediate layers, the last layer's cls token after the final norm). Each process
-  extracts its share of the batches; the features are summed into full matrices on every process
-  (``util.knn.assemble``), so several processes give exactly the single-process numbers.
+  output for intermediate layers, the last layer's cls token after the final norm; ``evaluation.features``).
+  Each process extracts its share of the batches; the features are gathered into full matrices on
+  every process (``evaluation.features.gather_by_index``: copied, never added), so several processes
+  give exactly the single-process numbers.
 * **Reconstructions** (:func:`reconstruct`, :func:`draw`): MAE's figure, one column per supervised
   layer, for every target. ``tools/visualize.py`` draws the same figure from a checkpoint.
 
@@ -40,7 +41,7 @@ from torch import nn
 
 import models_vit
 from evaluation import knn
-from evaluation.features import POOLS
+from evaluation.features import POOLS, extract, gather_by_index
 from models_deepmim import DeepMIM
 from targets.base import Target, compute_targets
 from targets.losses import LOSSES
@@ -221,6 +222,8 @@ class KnnMonitor:
                      for split, (subset, _) in self.sets.items()}
         self.num_workers = num_workers
         self._cache: Dict[str, Dict[int, torch.Tensor]] = {}
+        # (layer, ViT pool) pairs read, and their names in logs: L6_cls, L6_avg, ...
+        self.pairs = [(layer, POOLS[pool]) for layer in self.layers for pool in POOLS]
         self.names = [f"L{layer}_{pool}" for layer in self.layers for pool in POOLS]
 
     def describe(self) -> str:
@@ -251,16 +254,13 @@ class KnnMonitor:
     @torch.no_grad()
     def features(self, split: str) -> Dict[str, torch.Tensor]:
         """Features of every chosen layer and pool on ``split``'s subset, the same on every process:
-        name (``L6_cls`` ...) -> [n, D] float32."""
-        parts: Dict[int, Dict[str, torch.Tensor]] = {}
-        for b, imgs in self._my_batches(split):
-            with autocast(self.device, self.amp_dtype):
-                out = self.encoder.multi_layer_features(imgs.to(self.device, non_blocking=True), self.layers,
-                                                        tuple(POOLS.values()))
-            parts[b] = {f"L{layer}_{pool}": out[vit_pool][j].float()
-                        for pool, vit_pool in POOLS.items() for j, layer in enumerate(self.layers)}
-        widths = {name: self.encoder.embed_dim for name in self.names}
-        return knn.assemble(parts, self.rows[split], len(self.sets[split][0]), widths, self.device)
+        name (``L6_cls`` ...) -> [n, D] float32 on the device."""
+        subset, labels = self.sets[split]
+        rows = self.rows[split]
+        batches = ((imgs, torch.as_tensor(rows[b])) for b, imgs in self._my_batches(split))
+        feats, ids = extract(self.encoder, self.pairs, batches, self.device, self.amp_dtype)
+        feats, _ = gather_by_index(feats, labels[ids], ids, len(subset), self.device)
+        return {name: f.to(self.device) for name, f in zip(self.names, feats)}
 
     def evaluate(self) -> Dict[str, float]:
         """k-NN top-1 (%) of every layer and pool: ``{'L6_cls': ..., 'L6_avg': ..., ...}``."""

@@ -6,11 +6,9 @@ the similarity of a test feature to every training feature is their cosine; the 
 training features vote for their class with weight ``exp(similarity / T)``; the prediction is the
 class with the largest total vote. DINO uses k = 20, T = 0.07.
 
-Pure tensor code: no model, no data loading; the distributed part is one sum over processes.
+Pure tensor code: no model, no data loading, no communication.
 """
-from typing import Dict, List, Sequence
-
-from util.run import dist as dist_util
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -78,27 +76,3 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     votes = knn_votes(train_feats, train_labels, test_feats, num_classes, k, temperature)
     correct = int((votes.argmax(dim=1) == test_labels.to(votes.device)).sum().item())
     return 100.0 * correct / max(1, len(test_labels))
-
-
-def assemble(parts: Dict[int, Dict[str, torch.Tensor]], batch_rows: Sequence[Sequence[int]], num_rows: int,
-             widths: Dict[str, int], device: torch.device) -> Dict[str, torch.Tensor]:
-    """The full feature matrices on every process from the batches each process computed.
-
-    Each process holds the features of some batches (``parts``: batch number -> name -> [B, D]);
-    ``batch_rows[b]`` are the rows of batch ``b``. Every row is written by exactly one process and is
-    zero elsewhere, so one sum over processes gives every process the same matrices, bit for bit
-    those a single process would have computed batch by batch (adding zeros is exact).
-
-    Args:
-        widths: name -> D of every feature matrix (a process may hold no batch at all).
-
-    Returns:
-        name -> [num_rows, D] float32.
-    """
-    out = {}
-    for name, width in widths.items():
-        full = torch.zeros(num_rows, width, device=device)
-        for b, feats in parts.items():
-            full[torch.as_tensor(list(batch_rows[b]), device=device)] = feats[name].to(device, torch.float32)
-        out[name] = dist_util.all_reduce_sum(full)
-    return out

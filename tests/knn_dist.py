@@ -5,7 +5,7 @@
 
 A tiny DeepMIM (seed 0) and the repo's own ``engine_monitor.KnnMonitor`` on the image folder DATA,
 with a batch size that splits the subsets into batches the two ranks share unevenly. Rank 0 writes
-``OUT/knn-w{world}.pt``: the assembled features of both subsets and the accuracies.
+``OUT/knn-w{world}.pt``: the gathered features of both subsets and the accuracies.
 """
 import sys
 from pathlib import Path

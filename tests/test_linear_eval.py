@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, clean_env
 
 import models_deepmim
+from evaluation import heads
 from tools import linear_eval
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
@@ -160,7 +161,7 @@ def test_two_processes_equal_one(encoder_ckpt, small_folder, tmp_path):
 
 
 def test_the_table_takes_the_best_learning_rate_that_did_not_diverge():
-    specs = linear_eval.head_specs([(6, "token"), (6, "avg")], [1e-3, 1e-2, 1e-1], total_batch=512)
+    specs = heads.head_specs([(6, "token"), (6, "avg")], [1e-3, 1e-2, 1e-1], total_batch=512)
     assert [s.lr for s in specs[:3]] == [2e-3, 2e-2, 2e-1]  # blr x 512 / 256
     names = [s.name for s in specs]
     assert names[:3] == ["L6_token_blr0p001", "L6_token_blr0p01", "L6_token_blr0p1"]
@@ -179,10 +180,16 @@ def test_the_table_takes_the_best_learning_rate_that_did_not_diverge():
 
 def test_user_errors(reference, encoder_ckpt, small_folder, tmp_path):
     _, extra, out, _ = reference
+    # the flags are checked before the output folder is claimed: a refused run leaves nothing behind
     with pytest.raises(UserError, match="--layers 5: outside 1..4 for this 4-block encoder"):
         run(encoder_ckpt, small_folder, tmp_path / "a", "--layers", "2,5")
     with pytest.raises(UserError, match="needs an encoder: pass --finetune"):
-        linear_eval.main(linear_eval.get_args_parser().parse_args(["--device", "cpu", "--output_dir", str(tmp_path)]))
+        linear_eval.main(linear_eval.get_args_parser().parse_args(["--device", "cpu", "--output_dir", str(tmp_path / "b")]))
+    with pytest.raises(UserError, match="does not exist"):
+        run(encoder_ckpt, tmp_path / "no_data", tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+    # the pooling in either spelling: cls is the ViT's token
+    assert linear_eval.get_args_parser().parse_args(["--pool", "cls", "avg"]).pool == ["token", "avg"]
     other = tmp_path / "other"
     shutil.copytree(out, other)
     with pytest.raises(UserError, match="holds a linear evaluation of 16 other heads .* this run trains 8 heads"):

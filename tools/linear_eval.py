@@ -71,17 +71,15 @@ from util.config.cli import (
     share,
     str2list,
 )
-from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, flag_dict
-from util.data.build import build_eval_data, classification_data
+from util.config.typed import FlagConfig, RunConfig, TrainConfig, flag_dict
+from util.data.build import build_eval_data, check_data, classification_data
 from util.data.datasets import eval_transform, linprobe_transform, with_decode
 from util.data.shards import ShardEvalData, is_shard_spec, open_shards
-from util.run import dist as dist_util
 from util.run.amp import autocast, make_scaler
 from util.run.errors import UserError, run_cli
 from util.run.logs import fmt_seconds
 from util.run.lr_sched import cosine_schedule
 from util.run.runner import Run, start_run
-from util.run.seed import derive_seed
 from util.run.trainer import Commit, Job, Trainer, epoch_trainer_config
 
 import torch
@@ -91,8 +89,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import models_vit
-from evaluation.classification import sync_buffers
-from evaluation.features import POOL_LABEL, VIT_POOLS, gather_by_index, indexed_batches, pooled_features
+from evaluation.features import POOL_LABEL, VIT_POOLS, extract, gather_by_index, indexed_batches, pool_arg, pooled_features
+from evaluation.heads import HeadSpec, LinearHeads, evaluate_heads, head_specs
 from tools.common import progress, progress_logging
 
 _log = logging.getLogger("linear_eval")
@@ -134,8 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("heads")
     h.add_argument("--layers", default=None, type=str2list(positive_int, increasing), metavar="K,K,...",
                    help="encoder blocks, 1-based, e.g. 6,8,10,12 (default: all)")
-    h.add_argument("--pool", nargs="+", default=list(VIT_POOLS), choices=VIT_POOLS,
-                   help="token: cls token; avg: mean patch token")
+    h.add_argument("--pool", nargs="+", default=list(VIT_POOLS), type=pool_arg, choices=VIT_POOLS,
+                   help="token (or cls): the cls token; avg: the mean patch token")
     h.add_argument("--recipe", default="dinov2", choices=sorted(RECIPES), help="dinov2: SGD + cosine; mae: LARS + BN head")
     h.add_argument("--blrs", nargs="+", type=positive_float, default=None, metavar="BLR",
                    help="base learning rates, one head each (lr = blr * total batch / 256; default: the recipe's grid)")
@@ -210,60 +208,6 @@ class LinearEvalConfig:
 # the heads
 
 
-@dataclass(frozen=True)
-class HeadSpec:
-    """One linear head: the features it reads (encoder block ``layer``, ``pool``) and its learning rate."""
-
-    layer: int
-    pool: str
-    blr: float
-    lr: float
-
-    @property
-    def feature(self) -> Tuple[int, str]:
-        return self.layer, self.pool
-
-    @property
-    def name(self) -> str:
-        return f"L{self.layer}_{self.pool}_blr{self.blr:g}".replace(".", "p")  # module names cannot hold a dot
-
-
-def head_specs(features: Sequence[Tuple[int, str]], blrs: Sequence[float], total_batch: int) -> List[HeadSpec]:
-    """Every (feature, base lr) pair; lr = blr x total batch / 256 (``OptimConfig.resolved``)."""
-    return [HeadSpec(layer, pool, blr, OptimConfig(blr=blr).resolved(total_batch).lr)
-            for layer, pool in features for blr in sorted(blrs)]
-
-
-class LinearHeads(nn.Module):
-    """A linear classifier per :class:`HeadSpec` (``BatchNorm1d(affine=False)`` first with
-    ``batch_norm``, MAE's probe); ``forward`` maps the stacked features [K, B, D] of ``features`` to
-    one logits tensor [B, classes] per head.
-
-    Each head's weights come from its own generator, seeded by (seed, layer, pooling): the same
-    initial head whatever other heads the run has (heads of one feature and different lrs start alike).
-    """
-
-    def __init__(self, specs: Sequence[HeadSpec], features: Sequence[Tuple[int, str]], dim: int, num_classes: int,
-                 seed: int, batch_norm: bool) -> None:
-        super().__init__()
-        self.specs = list(specs)
-        self.index = [list(features).index(s.feature) for s in self.specs]
-        self.heads = nn.ModuleDict()
-        for s in self.specs:
-            linear = nn.Linear(dim, num_classes)
-            gen = torch.Generator().manual_seed(derive_seed(seed, s.layer, VIT_POOLS.index(s.pool)))
-            nn.init.trunc_normal_(linear.weight, std=0.01, generator=gen)
-            nn.init.zeros_(linear.bias)
-            self.heads[s.name] = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if batch_norm \
-                else linear
-
-    def linears(self) -> List[nn.Linear]:
-        return [h[-1] if isinstance(h, nn.Sequential) else h for h in self.heads.values()]
-
-    def forward(self, feats: torch.Tensor) -> List[torch.Tensor]:
-        return [head(feats[k]) for k, head in zip(self.index, self.heads.values())]
-
-
 def head_optimizer(heads: LinearHeads, recipe: str, weight_decay: float) -> torch.optim.Optimizer:
     """One optimizer over every head, two parameter groups per head (weights, biases without weight
     decay) whose ``lr_scale`` is the head's lr: the trainer's schedule factor times it is the head's lr."""
@@ -279,20 +223,6 @@ def head_optimizer(heads: LinearHeads, recipe: str, weight_decay: float) -> torc
 
 # --------------------------------------------------------------------------------------------
 # cached features
-
-
-@torch.no_grad()
-def encode(encoder: models_vit.ViT, features: Sequence[Tuple[int, str]], batches: Iterable, device: torch.device,
-           amp_dtype: Optional[torch.dtype], desc: str, show: bool) -> Tuple[torch.Tensor, ...]:
-    """Every batch of ``batches`` through the encoder: (features [K, n, D] float32 on the CPU, and the
-    batches' other tensors concatenated)."""
-    feats: List[torch.Tensor] = []
-    rest: List[List[torch.Tensor]] = []
-    for imgs, *others in progress(batches, desc=desc, unit="batch", enabled=show):
-        with autocast(device, amp_dtype):
-            feats.append(pooled_features(encoder, imgs.to(device, non_blocking=True), features).cpu())
-        rest.append([torch.as_tensor(t) for t in others])
-    return (torch.cat(feats, dim=1), *[torch.cat(col) for col in zip(*rest)])
 
 
 class CachedFeatures:
@@ -437,28 +367,17 @@ class LinearEvalJob(Job):
             self.bar = None
 
     # evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> Tuple[Dict[str, float], int, List[str]]:
         """Every head's top-1 (%) on the validation set, the number of images, the diverged heads."""
-        heads, device = self.model.eval(), self.run.device
-        sync_buffers(heads)
-        correct = torch.zeros(len(self.names), dtype=torch.float64, device=device)
-        count = torch.zeros(1, dtype=torch.float64, device=device)
-        for x, labels in self.val():
-            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if x.dim() == 4:
-                with autocast(device, self.run.amp_dtype):
-                    x = pooled_features(self.encoder, x, self.features)
-            hits = [(logits.argmax(dim=1) == labels).sum() for logits in heads(x.float())]
-            correct += torch.stack(hits).double()
-            count += labels.numel()
-        dist_util.all_reduce_sum(correct)
-        dist_util.all_reduce_sum(count)
-        n = int(count.item())
-        top1 = (100.0 * correct / max(n, 1)).tolist()
-        diverged = [name for name, head in heads.heads.items()
-                    if not all(bool(torch.isfinite(p).all()) for p in head.parameters())]
-        return dict(zip(self.names, top1)), n, diverged
+        device, amp_dtype = self.run.device, self.run.amp_dtype
+
+        def features_of(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() != 4:  # cached features
+                return x
+            with autocast(device, amp_dtype):
+                return pooled_features(self.encoder, x, self.features)
+
+        return evaluate_heads(self.model, self.val(), device, features_of)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, train: Dict[str, float]) -> Commit:
         record = {f"train_{k}": v for k, v in train.items()}
@@ -535,21 +454,35 @@ def checkpoint_id(source: str) -> str:
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = LinearEvalConfig.from_args(args)
+    encoder, ckpt, layers = read_encoder(cfg)  # every check before the output folder is claimed
     with start_run(cfg.run) as run:
-        return linear_eval(run, cfg)
+        return linear_eval(run, cfg, encoder, ckpt, layers)
 
 
-def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
-    f, t, device = c.eval, c.train, run.device
+def read_encoder(c: LinearEvalConfig) -> Tuple[models_vit.ViT, convert.EncoderFile, List[int]]:
+    """The frozen encoder of ``--finetune`` (on the CPU), its file and the blocks the heads read, with
+    every check of the flags against the checkpoint and the data made before anything is written."""
+    f = c.eval
     if not f.finetune:
         raise UserError("Linear evaluation needs an encoder: pass --finetune CHECKPOINT.")
     ckpt = convert.read_encoder(f.finetune, f.finetune_sha256)
-    encoder = models_vit.build_from(ckpt, f.model, f.input_size, f.num_heads).eval().requires_grad_(False).to(device)
-    depth, size = len(encoder.blocks), encoder.patch_embed.img_size[0]
+    encoder = models_vit.build_from(ckpt, f.model, f.input_size, f.num_heads).eval().requires_grad_(False)
+    depth = len(encoder.blocks)
     layers = list(f.layers) if f.layers else list(range(1, depth + 1))
     bad = [k for k in layers if not 1 <= k <= depth]
     if bad:
         raise UserError(f"--layers {','.join(map(str, bad))}: outside 1..{depth} for this {depth}-block encoder.")
+    check_data(c.train.data_path, ["train", "val"])
+    return encoder, ckpt, layers
+
+
+def linear_eval(run: Run, c: LinearEvalConfig, encoder: models_vit.ViT, ckpt: convert.EncoderFile,
+                layers: Sequence[int]) -> Dict[str, Any]:
+    """Train and evaluate every head (:func:`read_encoder` gives the encoder, its file and the layers)."""
+    f, t, device = c.eval, c.train, run.device
+    encoder = encoder.to(device)
+    _log.info("frozen encoder of %s", ckpt.source)
+    depth, size = len(encoder.blocks), encoder.patch_embed.img_size[0]
     features = [(layer, pool) for layer in sorted(set(layers)) for pool in VIT_POOLS if pool in f.pool]
     spec = models_vit.checkpoint_spec(ckpt)
     model_name = f.model or spec["model"] or (f"ViT width {ckpt.arch['embed_dim']}, depth {depth}, "
@@ -576,8 +509,8 @@ def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
             else:
                 reader = build_eval_data(t.data_path, eval_t, t.batch_size, info.rank, info.world_size, t.num_workers,
                                          pin, split="train")
-            feats, labels, ids = encode(encoder, features, indexed_batches(reader), device, run.amp_dtype,
-                                        "encoding train", show)
+            batches = progress(indexed_batches(reader), desc="encoding train", unit="batch", enabled=show)
+            feats, labels, ids = extract(encoder, features, batches, device, run.amp_dtype, columns=2)
             feats, labels = gather_by_index(feats, labels, ids, train_data.num_samples, device)
             _log.info("cached %d training features of %d dims x %d (layer, pool) pairs: %.1f MB", labels.numel(),
                       feats.shape[2], feats.shape[0], feats.numel() * feats.element_size() / 2 ** 20)
@@ -588,7 +521,8 @@ def linear_eval(run: Run, c: LinearEvalConfig) -> Dict[str, Any]:
 
         def val() -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
             if not cache:
-                feats, labels = encode(encoder, features, val_reader, device, run.amp_dtype, "encoding val", show)
+                batches = progress(val_reader, desc="encoding val", unit="batch", enabled=show)
+                feats, labels = extract(encoder, features, batches, device, run.amp_dtype)
                 cache.extend((feats[:, i:i + t.batch_size], labels[i:i + t.batch_size])
                              for i in range(0, labels.numel(), t.batch_size))
             return cache

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 import models_vit
-from evaluation.features import POOL_LABEL, VIT_POOLS
+from evaluation.features import POOL_LABEL, VIT_POOLS, extract, pool_arg
 from evaluation.probes import few_per_class, probe_accuracy
 from tools.common import add_checkpoint_args, add_device_arg, checkpoint_names, progress, tool_device
 
@@ -62,8 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="output_dir/probe_layers", help="results (JSON) and the plot")
     p.add_argument("--recipe", default="fast", choices=["fast", "linprobe"],
                    help="fast: logistic regression on cached features; linprobe: print main_linprobe.py commands")
-    p.add_argument("--pool", nargs="+", default=list(VIT_POOLS), choices=VIT_POOLS,
-                   help="features probed: the cls token and / or the average of the patch tokens")
+    p.add_argument("--pool", nargs="+", default=list(VIT_POOLS), type=pool_arg, choices=VIT_POOLS,
+                   help="features probed: the cls token (token, or cls) and / or the average of the patch tokens (avg)")
     p.add_argument("--train_per_class", nargs="+", type=nonneg_int, default=[0], metavar="N",
                    help="training images per class for the probe (0: all); several values give several probes")
     p.add_argument("--C", default=1.0, type=positive_float,
@@ -82,25 +82,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 # features and probes
 
 
-@torch.no_grad()
 def extract_features(model: models_vit.ViT, dataset, batch_size: int, pools: Sequence[str],
                      device: torch.device, desc: str = "features") -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    """Pooled features of every block, one forward pass per image.
+    """Pooled features of every block, one forward pass per image (``evaluation.features.extract``).
 
     Returns:
         ``{pool: [depth, N, D] float32}`` and the labels [N].
     """
-    layers = list(range(1, len(model.blocks) + 1))
+    depth = len(model.blocks)
+    features = [(layer, pool) for pool in pools for layer in range(1, depth + 1)]
     loader = build_loader(dataset, batch_size=batch_size)  # in order, in this process
-    chunks: Dict[str, List[np.ndarray]] = {pool: [] for pool in pools}
-    labels = []
     model.to(device).eval()
-    for imgs, y in progress(loader, desc=desc, unit="batch", leave=False):
-        feats = model.multi_layer_features(imgs.to(device), layers, pools)
-        for pool in pools:
-            chunks[pool].append(torch.stack(feats[pool]).float().cpu().numpy())  # [depth, n, D]
-        labels.append(y.numpy())
-    return {pool: np.concatenate(c, axis=1) for pool, c in chunks.items()}, np.concatenate(labels)
+    feats, labels = extract(model, features, progress(loader, desc=desc, unit="batch", leave=False), device)
+    return {pool: feats[i * depth:(i + 1) * depth].numpy() for i, pool in enumerate(pools)}, labels.numpy()
 
 
 def probe_keys(pools: Sequence[str], train_per_class: Sequence[int]) -> List[Tuple[str, str, int]]:
