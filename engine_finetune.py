@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
-from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.config.classify import DEFAULT_MODEL, ClassifierFlags, probe_layer_of
+from util.config.typed import OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
 from util.data.build import check_data
 from util.data.build import classification_data as build_classification_data
 from util.data.datasets import AugConfig, check_augmentation, with_decode
@@ -28,26 +29,6 @@ import models_vit
 from evaluation.classification import evaluate
 
 _log = logging.getLogger(__name__)
-
-
-DEFAULT_MODEL = "vit_base_patch16"  # MAE's fine-tuning and linear-probing model
-
-
-@dataclass(frozen=True)
-class ClassifierFlags(FlagConfig):
-    """The model and weights flags of fine-tuning and linear probing (MAE's names)."""
-
-    model: Optional[str] = None  # None: the script's default, or with --eval the checkpoint's
-    input_size: Optional[int] = None
-    global_pool: Optional[bool] = None
-    nb_classes: Optional[int] = None
-    finetune: str = ""
-    finetune_sha256: Optional[str] = None
-    eval: bool = False
-    dist_eval: bool = False
-    drop_path: float = 0.0
-    layer_decay: float = 1.0
-    probe_layer: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +57,8 @@ class ClassifyConfig:
         name = m.model or DEFAULT_MODEL
         with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
             vit = models_vit.create_model(name, num_classes=0, img_size=m.input_size)
-        depth = len(vit.blocks)
-        # with --eval the model may come from the checkpoint: its depth is checked once it is read
-        if m.probe_layer is not None and not m.eval and not 1 <= m.probe_layer <= depth:
-            raise UserError(f"--probe_layer {m.probe_layer} is outside 1..{depth} for {name}.")
+        if not m.eval:  # with --eval the model may come from the checkpoint: checked once it is read
+            probe_layer_of(m.probe_layer, len(vit.blocks), name)
         if timm_augment and not m.eval:
             check_augmentation(self.aug, vit.patch_embed.img_size[0])
         check_data(self.train.data_path, ["val"] if m.eval else ["train", "val"])

@@ -12,17 +12,8 @@ import dataclasses
 import logging
 
 from util.checkpoints.convert import load_encoder
-from util.config.cli import (
-    Parser,
-    StrictPair,
-    add_classification_args,
-    add_optim_args,
-    add_run_args,
-    nonneg_float,
-    positive_int,
-    probability,
-    rate,
-)
+from util.config.classify import DEFAULT_MODEL, add_classification_args
+from util.config.cli import Parser, add_optim_args, add_run_args
 from util.data.datasets import eval_transform, finetune_transform
 from util.run.errors import run_cli
 from util.run.optim import adamw, layer_decay_groups
@@ -35,7 +26,6 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 from engine_finetune import (
-    DEFAULT_MODEL,
     ClassifyConfig,
     checkpoint_flags,
     classification_data,
@@ -49,32 +39,8 @@ _log = logging.getLogger("main_finetune")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("main_finetune.py", "DeepMIM fine-tuning for image classification (and --eval of a checkpoint)")
-    groups = add_classification_args(p, model=DEFAULT_MODEL, epochs=50, batch_size=64, global_pool=True)
-    groups["model"].add_argument("--drop_path", type=rate, default=0.1, metavar="PCT", help="drop path rate")
+    add_classification_args(p, epochs=50, batch_size=64, global_pool=True, model=["drop_path"], timm_augment=True)
     add_optim_args(p, blr=1e-3, weight_decay=0.05, warmup_epochs=5, layer_decay=0.75, min_lr=1e-6)
-
-    a = groups["augmentation"]  # timm's flags, names and meanings
-    a.add_argument("--color_jitter", type=nonneg_float, default=None, metavar="PCT",
-                   help="color jitter factor, only without --aa (default: off)")
-    a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                   help="RandAugment / AutoAugment policy ('none' to disable)")
-    a.add_argument("--smoothing", type=rate, default=0.1, help="label smoothing")
-    a.add_argument("--reprob", type=probability, default=0.25, metavar="PCT", help="random erasing probability")
-    a.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
-                   help="random erasing fill: per-pixel noise, per-channel noise or zeros")
-    a.add_argument("--recount", type=positive_int, default=1, help="random erasing count")
-    a.add_argument("--resplit", action="store_true", default=False, help="no random erasing on the first split")
-    a.add_argument("--mixup", type=nonneg_float, default=0, help="mixup alpha (enabled if > 0)")
-    a.add_argument("--cutmix", type=nonneg_float, default=0, help="cutmix alpha (enabled if > 0)")
-    a.add_argument("--cutmix_minmax", type=probability, nargs="+", default=None, action=StrictPair,
-                   metavar=("MIN", "MAX"),
-                   help="cutmix box size range as fractions of the image, MIN < MAX; enables cutmix "
-                        "(default: from --cutmix alpha)")
-    a.add_argument("--mixup_prob", type=probability, default=1.0, help="probability of mixup or cutmix per batch")
-    a.add_argument("--mixup_switch_prob", type=probability, default=0.5,
-                   help="probability of cutmix when both are on")
-    a.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
-                   help="mix per batch, per pair of images or per image")
     add_run_args(p)
     p.set_defaults(save_every=10)
     return p
@@ -108,7 +74,7 @@ def finetune(run: Run, c: ClassifyConfig) -> dict:
 
     eff_batch = c.train.batch_size * c.train.accum_iter * run.info.world_size
     optim = c.optim.resolved(eff_batch)
-    optimizer = adamw(layer_decay_groups(model, optim.weight_decay, m.layer_decay), optim.lr, device=run.device,
+    optimizer = adamw(layer_decay_groups(model, optim.weight_decay, optim.layer_decay), optim.lr, device=run.device,
                       fused=optim.fused_adamw)
 
     mixup_fn = None
@@ -122,7 +88,7 @@ def finetune(run: Run, c: ClassifyConfig) -> dict:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     _log.info("%s: %d classes; effective batch %d; lr %.3e (blr %.3e); layer decay %.2f; amp %s", name,
-              nb_classes, eff_batch, optim.lr, optim.lr * 256 / eff_batch, m.layer_decay, run.amp_dtype)
+              nb_classes, eff_batch, optim.lr, optim.lr * 256 / eff_batch, optim.layer_decay, run.amp_dtype)
     saved = run.resolved_args(c.flags, model=name, input_size=input_size, global_pool=global_pool,
                               nb_classes=nb_classes, lr=optim.lr)
     return run_classification(run, c, model, optimizer, classification_loss(criterion, mixup_fn), optim, data,

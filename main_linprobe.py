@@ -16,7 +16,8 @@ import logging
 from typing import List
 
 from util.checkpoints.convert import load_encoder
-from util.config.cli import Parser, add_classification_args, add_optim_args, add_run_args, positive_int, set_help
+from util.config.classify import DEFAULT_MODEL, add_classification_args, probe_layer_of
+from util.config.cli import Parser, add_optim_args, add_run_args, set_help
 from util.data.datasets import eval_transform, linprobe_transform
 from util.run.errors import UserError, run_cli
 from util.run.runner import Run, start_run
@@ -28,7 +29,6 @@ from torch import nn
 
 import models_vit
 from engine_finetune import (
-    DEFAULT_MODEL,
     ClassifyConfig,
     checkpoint_flags,
     classification_data,
@@ -72,10 +72,8 @@ class LinearProbe(nn.Module):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("main_linprobe.py", "DeepMIM linear probing of the last encoder layer or of any layer")
-    groups = add_classification_args(p, model=DEFAULT_MODEL, epochs=90, batch_size=512, global_pool=False)
-    groups["model"].add_argument("--probe_layer", default=None, type=positive_int, metavar="K",
-                                 help="encoder block to probe, 1-based (default: the last)")
-    add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10, adamw=False)  # LARS
+    add_classification_args(p, epochs=90, batch_size=512, global_pool=False, model=["probe_layer"])
+    add_optim_args(p, blr=0.1, weight_decay=0.0, warmup_epochs=10, adamw=False)
     add_run_args(p)
     p.set_defaults(save_every=10)
     set_help(p, blr="base learning rate of LARS: lr = blr * total batch size / 256",
@@ -113,12 +111,7 @@ def linprobe(run: Run, c: ClassifyConfig) -> dict:
     encoder = models_vit.create_model(name, num_classes=0, img_size=input_size, global_pool="token")
     if m.finetune and not c.train.resume:
         load_encoder(encoder, m.finetune, m.finetune_sha256)
-    elif not (m.finetune or c.train.resume or m.eval):
-        raise UserError("Linear probing needs pre-trained weights: pass --finetune CHECKPOINT.")
-    depth = len(encoder.blocks)
-    probe_layer = m.probe_layer or depth
-    if not 1 <= probe_layer <= depth:
-        raise UserError(f"--probe_layer {probe_layer} is outside 1..{depth} for {name}.")
+    probe_layer = probe_layer_of(m.probe_layer, len(encoder.blocks), name)  # with --eval: the checkpoint's model
     model = LinearProbe(encoder, nb_classes, probe_layer, "avg" if global_pool else "token").to(run.device)
 
     eff_batch = c.train.batch_size * c.train.accum_iter * run.info.world_size

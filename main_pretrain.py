@@ -24,7 +24,17 @@ from util.config.cli import (
     set_help,
     str2list,
 )
-from util.config.typed import FlagConfig, OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.config.typed import (
+    MODEL,
+    FlagConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    add_flags,
+    check_schedule,
+    flag,
+    flag_dict,
+)
 from util.data.build import build_train_data, check_pretrain_data
 from util.data.datasets import pretrain_transform
 from util.run.amp import make_scaler
@@ -46,29 +56,41 @@ from targets.registry import TARGETS, build_targets, layer_target_names
 _log = logging.getLogger("main_pretrain")
 
 
+@dataclass(frozen=True)
+class ModelFlags(FlagConfig):
+    """The model flags of pre-training (None: the registered model's default)."""
+
+    model: str = flag("deepmim_vit_base_patch16", "registered model name (mae_vit_base_patch16 builds the same DeepMIM "
+                                                  "model)", group=MODEL, type=str, metavar="MODEL")
+    input_size: Optional[int] = flag(None, "image size, a multiple of the patch size (default: the model's, 224 or 32)",
+                                     group=MODEL, type=positive_int, metavar="PX")
+    mask_ratio: float = flag(0.75, "fraction of patches removed; at least one patch must stay and one be removed",
+                             group=MODEL, type=mask_fraction, metavar="R")
+    ds_layers: Optional[Tuple[int, ...]] = flag(
+        None, "supervised encoder layers, 1-based, increasing, ending with the last (default: 6,8,10,12 for depth 12); "
+              "12 alone = MAE", group=MODEL, type=str2list(positive_int, increasing), metavar="LAYERS")
+    ds_weights: Optional[Tuple[float, ...]] = flag(
+        None, "loss weight per supervised layer, >= 0 with a positive sum (default: 1 each)", group=MODEL,
+        type=str2list(nonneg_float, positive_sum), metavar="WEIGHTS")
+    decoder_embed_dim: Optional[int] = flag(None, "decoder width (default: the model's, 512)", group=MODEL,
+                                            type=positive_int, metavar="DIM")
+    decoder_depth: Optional[int] = flag(None, "decoder blocks (default: the model's, 4)", group=MODEL, type=nonneg_int,
+                                        metavar="N")
+    decoder_num_heads: Optional[int] = flag(None, "decoder heads, dividing the decoder width (default: the model's, 16)",
+                                            group=MODEL, type=positive_int, metavar="N")
+
+    def model_config(self) -> models_deepmim.DeepMIMConfig:
+        return models_deepmim.model_config(
+            self.model, img_size=self.input_size, ds_layers=self.ds_layers, ds_weights=self.ds_weights,
+            decoder_embed_dim=self.decoder_embed_dim, decoder_depth=self.decoder_depth,
+            decoder_num_heads=self.decoder_num_heads)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("main_pretrain.py", "DeepMIM pre-training: MAE with a decoder on several encoder layers")
     add_training_args(p, batch_size=64, epochs=400)
 
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="deepmim_vit_base_patch16", type=str, metavar="MODEL",
-                   help="registered model name (mae_vit_base_patch16 builds the same DeepMIM model)")
-    m.add_argument("--input_size", default=None, type=positive_int, metavar="PX",
-                   help="image size, a multiple of the patch size (default: the model's, 224 or 32)")
-    m.add_argument("--mask_ratio", default=0.75, type=mask_fraction, metavar="R",
-                   help="fraction of patches removed; at least one patch must stay and one be removed")
-    m.add_argument("--ds_layers", default=None, type=str2list(positive_int, increasing), metavar="LAYERS",
-                   help="supervised encoder layers, 1-based, increasing, ending with the last "
-                        "(default: 6,8,10,12 for depth 12); 12 alone = MAE")
-    m.add_argument("--ds_weights", default=None, type=str2list(nonneg_float, positive_sum), metavar="WEIGHTS",
-                   help="loss weight per supervised layer, >= 0 with a positive sum (default: 1 each)")
-    m.add_argument("--decoder_embed_dim", default=None, type=positive_int, metavar="DIM",
-                   help="decoder width (default: the model's, 512)")
-    m.add_argument("--decoder_depth", default=None, type=nonneg_int, metavar="N",
-                   help="decoder blocks (default: the model's, 4)")
-    m.add_argument("--decoder_num_heads", default=None, type=positive_int, metavar="N",
-                   help="decoder heads, dividing the decoder width (default: the model's, 16)")
-
+    add_flags(p, [ModelFlags], [f.name for f in dataclasses.fields(ModelFlags)])
     t = p.add_argument_group("reconstruction targets", "what the decoders reconstruct (docs/PRETRAIN.md: Reconstruction targets)")
     t.add_argument("--target", default=None, choices=TARGETS.names(),
                    help="the target of every supervised layer: pixel (MAE), hog (MaskFeat), clip (--clip_path), "
@@ -106,26 +128,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class ModelFlags(FlagConfig):
-    """The model flags of pre-training (None: the registered model's default)."""
-
-    model: str = "deepmim_vit_base_patch16"
-    input_size: Optional[int] = None
-    mask_ratio: float = 0.75
-    ds_layers: Optional[Tuple[int, ...]] = None
-    ds_weights: Optional[Tuple[float, ...]] = None
-    decoder_embed_dim: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    decoder_num_heads: Optional[int] = None
-
-    def model_config(self) -> models_deepmim.DeepMIMConfig:
-        return models_deepmim.model_config(
-            self.model, img_size=self.input_size, ds_layers=self.ds_layers, ds_weights=self.ds_weights,
-            decoder_embed_dim=self.decoder_embed_dim, decoder_depth=self.decoder_depth,
-            decoder_num_heads=self.decoder_num_heads)
-
-
-@dataclass(frozen=True)
 class PretrainConfig:
     """Everything pre-training reads, built once from the flags (:meth:`from_args`)."""
 
@@ -147,11 +149,13 @@ class PretrainConfig:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the
         parser's, ``util/config/cli.py``): the model config (name, ``--ds_layers`` / ``--ds_weights``,
         ``--input_size``, heads dividing widths), the mask ratio on its patch grid, the targets'
-        names, the data folder and the schedule. Returns warnings for ``start_run`` to log."""
+        names, the data folder, the monitor's flags and the schedule. Returns warnings for
+        ``start_run`` to log."""
         cfg = self.model.model_config()  # cheap: a dataclass, no weights
         models_deepmim.check_mask_ratio(cfg, self.model.mask_ratio, self.model.model)
         layer_target_names(self.targets, len(cfg.ds_layers), cfg.ds_layers)
         check_pretrain_data(self.train.data_path)  # labels optional: pre-training never reads one
+        self.monitor.validate(self.train.data_path, cfg.depth)
         return check_schedule(self.train, self.optim)
 
 
@@ -178,7 +182,6 @@ def build_model_and_targets(model: ModelFlags, targets_cfg: TargetConfig, device
 def main(args: argparse.Namespace) -> dict:
     cfg = PretrainConfig.from_args(args)
     warnings = cfg.validate()  # a bad combination of flags stops here: nothing written yet
-    cfg.monitor.validate(cfg.train.data_path, cfg.model.model_config().depth)
     with start_run(cfg.run, warnings) as run:
         return pretrain(run, cfg)
 

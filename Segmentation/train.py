@@ -23,9 +23,7 @@ from util.checkpoints import reader as ckpt_util
 from util.config.cli import (
     OrderedPair,
     Parser,
-    add_adamw_args,
     add_run_args,
-    add_weights_args,
     increasing,
     nonneg_float,
     nonneg_int,
@@ -37,7 +35,21 @@ from util.config.cli import (
     share,
     str2list,
 )
-from util.config.typed import FlagConfig, RunConfig, TrainConfig, flag_dict
+from util.config.typed import (
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    SHARED_CONFIGS,
+    WEIGHTS,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    WeightsConfig,
+    add_flags,
+    flag,
+    flag_dict,
+)
 from util.data.datasets import eval_loader
 from util.run.amp import make_scaler
 from util.run.errors import run_cli
@@ -64,133 +76,52 @@ from Segmentation.models import (
 
 _log = logging.getLogger("Segmentation.train")
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser("Segmentation/train.py", "DeepMIM semantic segmentation: UperNet on the ViT (ADE20K)")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch_size", default=2, type=positive_int, metavar="N",
-                   help="images per GPU (reference: 2 x 8 GPUs = 16)")
-    g.add_argument("--iters", default=160000, type=positive_int, metavar="N", help="training iterations (optimizer steps)")
-
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_base_patch16", help="registered ViT name (models_vit)")
-    m.add_argument("--num_classes", default=None, type=positive_int, metavar="N",
-                   help="classes after reduce_zero_label (default: the dataset's; 150 for ADE20K)")
-    m.add_argument("--out_indices", default=None, type=str2list(positive_int, increasing), metavar="LAYERS",
-                   help="4 increasing 1-based blocks feeding strides 4,8,16,32 (default: depth/3, /2, 2/3, 1: "
-                        "4,6,8,12 for ViT-B)")
-    m.add_argument("--drop_path", default=0.1, type=rate, help="drop path rate")
-    m.add_argument("--no_rel_pos_bias", action="store_false", dest="rel_pos_bias",
-                   help="no relative position bias (the reference uses one per block)")
-    m.add_argument("--init_values", default=1.0, type=nonneg_float, help="layer scale initial value (0: no layer scale)")
-    m.add_argument("--channels", default=768, type=positive_int, metavar="N", help="UPerHead channels")
-    m.add_argument("--pool_scales", default=(1, 2, 3, 6), type=str2list(positive_int), metavar="SCALES",
-                   help="PPM pooling scales")
-    m.add_argument("--aux_channels", default=256, type=positive_int, metavar="N", help="auxiliary FCN head channels")
-    m.add_argument("--aux_weight", default=0.4, type=nonneg_float, help="auxiliary loss weight (0: no auxiliary head)")
-    m.add_argument("--dropout_ratio", default=0.1, type=rate, help="dropout before the classifiers")
-
-    o = p.add_argument_group("optimizer and schedule")
-    o.add_argument("--lr", default=5e-5, type=positive_float, metavar="LR",
-                   help="AdamW learning rate for the total batch (DeepMIM's 5e-5; MAE's recipe: 1e-4 with --layer_decay 0.65)")
-    o.add_argument("--warmup_iters", default=1500, type=nonneg_int, metavar="N", help="linear warm-up iterations")
-    o.add_argument("--warmup_ratio", default=1e-6, type=probability, help="lr factor at iteration 0 of the warm-up")
-    o.add_argument("--power", default=1.0, type=nonneg_float, help="poly schedule power")
-    o.add_argument("--min_lr", default=0.0, type=nonneg_float, metavar="LR", help="lr at the last iteration")
-    add_adamw_args(o, weight_decay=0.05, layer_decay=0.9)
-
-    e = add_weights_args(p)
-    e.add_argument("--eval", action="store_true", help="only evaluate --resume (default: newest in --output_dir)")
-    e.add_argument("--mode", default="slide", choices=["slide", "whole"],
-                   help="test mode: sliding windows of --crop_size every --stride pixels, or the whole image")
-    e.add_argument("--stride", default=341, type=positive_int, metavar="PX",
-                   help="sliding-window stride, at most --crop_size (the reference: 2/3 of the crop)")
-    e.add_argument("--aug_test", action="store_true", help="multi-scale (--aug_ratios) + flip testing")
-    e.add_argument("--aug_ratios", default=AUG_RATIOS, type=str2list(positive_float), metavar="RATIOS",
-                   help="scales of --aug_test")
-    e.add_argument("--crops_per_batch", default=8, type=positive_int, metavar="N",
-                   help="sliding windows per forward pass")
-    e.add_argument("--eval_every", default=16000, type=nonneg_int, metavar="N",
-                   help="iterations between evaluations (0: only at the end)")
-    groups = add_run_args(p, by_epoch=False)
-    groups["output"].add_argument("--save_every", default=16000, type=positive_int, metavar="N",
-                                  help="iterations between numbered checkpoints (checkpoint-<iteration>.pth)")
-    groups["output"].add_argument("--save_last_every", default=1000, type=nonneg_int, metavar="N",
-                                  help="iterations between checkpoint-last.pth writes (0: only with the numbered ones "
-                                       "and at the end)")
-
-    d = groups["data"]
-    d.add_argument("--crop_size", default=512, type=positive_int, metavar="PX",
-                   help="training crop and sliding window, a multiple of the patch size and >= 32")
-    d.add_argument("--img_scale", default=(2048, 512), type=positive_int, nargs=2, metavar=("LONG", "SHORT"),
-                   help="resize scale: long edge <= LONG and short edge <= SHORT, keeping the ratio")
-    d.add_argument("--ratio_range", default=(0.5, 2.0), type=positive_float, nargs=2, metavar=("MIN", "MAX"),
-                   action=OrderedPair, help="random scale factor of the training resize, MIN <= MAX")
-    d.add_argument("--cat_max_ratio", default=0.75, type=share,
-                   help="largest share of one class in a training crop (1: no limit)")
-    p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
-    set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
-                          "built-in data",
-             log_every="iterations between log lines, log.txt lines and TensorBoard points",
-             finetune="pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, random "
-                      "initialisation)")
-    return p
-
-
 @dataclass(frozen=True)
-class SegFlags(FlagConfig):
-    """The segmentation flags besides the shared run / loop ones (see :func:`get_args_parser`)."""
+class SegFlags(WeightsConfig):
+    """The segmentation flags besides the shared run / loop / optimizer ones (see :func:`get_args_parser`)."""
 
-    model: str = "vit_base_patch16"
-    num_classes: Optional[int] = None
-    out_indices: Optional[Tuple[int, ...]] = None
-    drop_path: float = 0.1
-    rel_pos_bias: bool = True
-    init_values: float = 1.0
-    channels: int = 768
-    pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
-    aux_channels: int = 256
-    aux_weight: float = 0.4
-    dropout_ratio: float = 0.1
-    lr: float = 5e-5
-    layer_decay: float = 0.9
-    weight_decay: float = 0.05
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    power: float = 1.0
-    min_lr: float = 0.0
-    fused_adamw: Optional[bool] = None
-    crop_size: int = 512
-    img_scale: Tuple[int, int] = (2048, 512)
-    ratio_range: Tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    finetune: str = ""
-    finetune_sha256: Optional[str] = None
-    eval: bool = False
-    mode: str = "slide"
-    stride: int = 341
-    aug_test: bool = False
-    aug_ratios: Tuple[float, ...] = AUG_RATIOS
-    crops_per_batch: int = 8
-    eval_every: int = 16000
-    save_last_every: int = 1000
-
-    def validate(self, train: TrainConfig) -> List[str]:
-        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
-        parser's, ``util/config/cli.py``): the model (name, ``--out_indices`` within its depth, ``--crop_size``
-        vs its patch size), the sliding windows and resize scales, the data folders, the schedule.
-        Returns warnings for ``start_run`` to log."""
-        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
-            ViTBackbone(self.model_config(self.num_classes or len(data.ADE20K_CLASSES)))
-        ratios = tuple(self.aug_ratios) if self.aug_test else (1.0,)
-        check_inference(self.crop_size, self.stride, self.mode, self.img_scale,
-                        ratios if self.eval else (*ratios, self.ratio_range[0]))
-        if train.data_path != data.SYNTHETIC:
-            for split in ["val"] if self.eval else ["train", "val"]:
-                data.check_split(Path(train.data_path), data.SPLITS[split])
-        if not self.eval and self.warmup_iters > train.iters:
-            return [f"--warmup_iters {self.warmup_iters} exceeds --iters {train.iters}: the learning rate stays in "
-                    f"its linear warm-up"]
-        return []
+    model: str = flag("vit_base_patch16", "registered ViT name (models_vit)", group=MODEL)
+    num_classes: Optional[int] = flag(None, "classes after reduce_zero_label (default: the dataset's; 150 for ADE20K)",
+                                      group=MODEL, type=positive_int, metavar="N")
+    out_indices: Optional[Tuple[int, ...]] = flag(
+        None, "4 increasing 1-based blocks feeding strides 4,8,16,32 (default: depth/3, /2, 2/3, 1: 4,6,8,12 for ViT-B)",
+        group=MODEL, type=str2list(positive_int, increasing), metavar="LAYERS")
+    drop_path: float = flag(0.1, "drop path rate", group=MODEL, type=rate)
+    rel_pos_bias: bool = flag(True, "no relative position bias (the reference uses one per block)", group=MODEL,
+                              action="store_false", names=("--no_rel_pos_bias",))
+    init_values: float = flag(1.0, "layer scale initial value (0: no layer scale)", group=MODEL, type=nonneg_float)
+    channels: int = flag(768, "UPerHead channels", group=MODEL, type=positive_int, metavar="N")
+    pool_scales: Tuple[int, ...] = flag((1, 2, 3, 6), "PPM pooling scales", group=MODEL, type=str2list(positive_int),
+                                        metavar="SCALES")
+    aux_channels: int = flag(256, "auxiliary FCN head channels", group=MODEL, type=positive_int, metavar="N")
+    aux_weight: float = flag(0.4, "auxiliary loss weight (0: no auxiliary head)", group=MODEL, type=nonneg_float)
+    dropout_ratio: float = flag(0.1, "dropout before the classifiers", group=MODEL, type=rate)
+    warmup_iters: int = flag(1500, "linear warm-up iterations", group=OPTIM, type=nonneg_int, metavar="N")
+    warmup_ratio: float = flag(1e-6, "lr factor at iteration 0 of the warm-up", group=OPTIM, type=probability)
+    power: float = flag(1.0, "poly schedule power", group=OPTIM, type=nonneg_float)
+    mode: str = flag("slide", "test mode: sliding windows of --crop_size every --stride pixels, or the whole image",
+                     group=WEIGHTS, choices=["slide", "whole"])
+    stride: int = flag(341, "sliding-window stride, at most --crop_size (the reference: 2/3 of the crop)",
+                       group=WEIGHTS, type=positive_int, metavar="PX")
+    aug_test: bool = flag(False, "multi-scale (--aug_ratios) + flip testing", group=WEIGHTS, action="store_true")
+    aug_ratios: Tuple[float, ...] = flag(AUG_RATIOS, "scales of --aug_test", group=WEIGHTS,
+                                         type=str2list(positive_float), metavar="RATIOS")
+    crops_per_batch: int = flag(8, "sliding windows per forward pass", group=WEIGHTS, type=positive_int, metavar="N")
+    eval_every: int = flag(16000, "iterations between evaluations (0: only at the end)", group=WEIGHTS,
+                           type=nonneg_int, metavar="N")
+    save_last_every: int = flag(
+        1000, "iterations between checkpoint-last.pth writes (0: only with the numbered ones and at the end)",
+        group=OUTPUT, type=nonneg_int, metavar="N")
+    crop_size: int = flag(512, "training crop and sliding window, a multiple of the patch size and >= 32", group=DATA,
+                          type=positive_int, metavar="PX")
+    img_scale: Tuple[int, int] = flag((2048, 512), "resize scale: long edge <= LONG and short edge <= SHORT, keeping "
+                                                   "the ratio", group=DATA, type=positive_int, nargs=2,
+                                      metavar=("LONG", "SHORT"))
+    ratio_range: Tuple[float, float] = flag((0.5, 2.0), "random scale factor of the training resize, MIN <= MAX",
+                                            group=DATA, type=positive_float, nargs=2, metavar=("MIN", "MAX"),
+                                            action=OrderedPair)
+    cat_max_ratio: float = flag(0.75, "largest share of one class in a training crop (1: no limit)", group=DATA,
+                                type=share)
 
     def model_config(self, num_classes: int) -> SegConfig:
         return SegConfig(
@@ -206,6 +137,68 @@ class SegFlags(FlagConfig):
         return InferenceConfig(num_classes=num_classes, mode=self.mode, crop=self.crop_size, stride=self.stride,
                                img_scale=tuple(self.img_scale), ratios=tuple(ratios), flip=self.aug_test,
                                crops_per_batch=self.crops_per_batch)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("Segmentation/train.py", "DeepMIM semantic segmentation: UperNet on the ViT (ADE20K)")
+    configs = (*SHARED_CONFIGS, SegFlags)
+    add_flags(p, configs, ["batch_size", "iters"], defaults={"batch_size": 2, "iters": 160000},
+              help={"batch_size": "images per GPU (reference: 2 x 8 GPUs = 16)"})
+    add_flags(p, configs, ["model", "num_classes", "out_indices", "drop_path", "rel_pos_bias", "init_values", "channels",
+                           "pool_scales", "aux_channels", "aux_weight", "dropout_ratio"])
+    add_flags(p, configs, ["lr", "warmup_iters", "warmup_ratio", "power", "min_lr", "weight_decay", "layer_decay",
+                           "clip_grad", "fused_adamw"],
+              defaults={"lr": 5e-5, "weight_decay": 0.05, "layer_decay": 0.9},
+              help={"lr": "AdamW learning rate for the total batch (DeepMIM's 5e-5; MAE's recipe: 1e-4 with "
+                          "--layer_decay 0.65)", "min_lr": "lr at the last iteration"})
+    add_flags(p, configs, ["finetune", "finetune_sha256", "eval", "mode", "stride", "aug_test", "aug_ratios",
+                           "crops_per_batch", "eval_every"],
+              help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
+                                "random initialisation)"})
+    add_run_args(p, by_epoch=False)
+    add_flags(p, configs, ["save_every", "save_last_every", "crop_size", "img_scale", "ratio_range", "cat_max_ratio"],
+              defaults={"save_every": 16000},
+              help={"save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)"})
+    p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
+    set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
+                          "built-in data",
+             log_every="iterations between log lines, log.txt lines and TensorBoard points")
+    return p
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Everything segmentation reads, built once from the flags (:meth:`from_args`)."""
+
+    run: RunConfig
+    train: TrainConfig
+    optim: OptimConfig
+    seg: SegFlags
+    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SegmentationConfig":
+        flags = flag_dict(args)
+        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
+                   SegFlags.from_flags(flags), flags)
+
+    def validate(self) -> List[str]:
+        """The cross-flag checks, before anything is built or written (the per-flag ranges are the
+        parser's, ``util/config/ranges.py``): the model (name, ``--out_indices`` within its depth,
+        ``--crop_size`` vs its patch size), the sliding windows and resize scales, the data folders, the
+        schedule. Returns warnings for ``start_run`` to log."""
+        f, train = self.seg, self.train
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            ViTBackbone(f.model_config(f.num_classes or len(data.ADE20K_CLASSES)))
+        ratios = tuple(f.aug_ratios) if f.aug_test else (1.0,)
+        check_inference(f.crop_size, f.stride, f.mode, f.img_scale, ratios if f.eval else (*ratios, f.ratio_range[0]))
+        if train.data_path != data.SYNTHETIC:
+            for split in ["val"] if f.eval else ["train", "val"]:
+                data.check_split(Path(train.data_path), data.SPLITS[split])
+        if not f.eval and f.warmup_iters > train.iters:
+            return [f"--warmup_iters {f.warmup_iters} exceeds --iters {train.iters}: the learning rate stays in "
+                    f"its linear warm-up"]
+        return []
 
 
 def segmentation_loss(aux_weight: float):
@@ -246,13 +239,16 @@ class SegmentationJob(Job):
 
     metric_names = ("decode", "aux", "acc_seg")  # per-step metrics: the two losses and the pixel accuracy
 
-    def __init__(self, run: Run, model: Segmentor, optimizer, scaler, flags: SegFlags, iters: int, val_loader,
-                 test_cfg: InferenceConfig, names: List[str]) -> None:
+    def __init__(self, run: Run, model: Segmentor, optimizer, scaler, flags: SegFlags, optim: OptimConfig, iters: int,
+                 val_loader, test_cfg: InferenceConfig, names: List[str]) -> None:
         self.run, self.model, self.optimizer, self.scaler = run, model, optimizer, scaler
         self.flags, self.iters, self.val_loader, self.test_cfg, self.names = flags, iters, val_loader, test_cfg, names
         self.loss = segmentation_loss(flags.aux_weight)
-        self.lr = poly_schedule(flags.lr, iters, flags.warmup_iters, flags.warmup_ratio, flags.power, flags.min_lr)
+        self.schedule = poly_schedule(optim.lr, iters, flags.warmup_iters, flags.warmup_ratio, flags.power, optim.min_lr)
         self.stats: Dict[str, Any] = {}
+
+    def lr(self, step: int) -> float:
+        return self.schedule(step)
 
     def metric_labels(self) -> List[str]:
         return ["the loss of the decode head", "the loss of the auxiliary head", "the pixel accuracy"]
@@ -285,15 +281,15 @@ class SegmentationJob(Job):
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    flags = flag_dict(args)
-    cfg = (RunConfig.from_flags(flags), TrainConfig.from_flags(flags), SegFlags.from_flags(flags))
-    warnings = cfg[2].validate(cfg[1])  # a bad combination of flags stops here: nothing written yet
-    with start_run(cfg[0], warnings) as run:
-        return segment(run, *cfg[1:], flags)
+    cfg = SegmentationConfig.from_args(args)
+    warnings = cfg.validate()  # a bad combination of flags stops here: nothing written yet
+    with start_run(cfg.run, warnings) as run:
+        return segment(run, cfg)
 
 
-def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) -> Dict[str, Any]:
+def segment(run: Run, c: SegmentationConfig) -> Dict[str, Any]:
     """Train (or ``--eval``) the segmentation model inside a started run."""
+    train, f, optim = c.train, c.seg, c.optim
     root = data.resolve_root(train.data_path)
     names = data.class_names(root, f.num_classes)
     num_classes = len(names)
@@ -326,23 +322,20 @@ def segment(run: Run, train: TrainConfig, f: SegFlags, flags: Dict[str, Any]) ->
 
     train_set = data.ADE20K(root, data.SPLITS["train"], num_classes,
                             data.TrainTransform(f.crop_size, f.img_scale, f.ratio_range, f.cat_max_ratio))
-    optimizer = adamw(layer_decay_groups(model, f.weight_decay, f.layer_decay), f.lr, betas=(0.9, 0.999),
-                      device=run.device, fused=f.fused_adamw)
+    optimizer = adamw(layer_decay_groups(model, optim.weight_decay, optim.layer_decay), optim.lr, betas=(0.9, 0.999),
+                      device=run.device, fused=optim.fused_adamw)
     scaler = make_scaler(run.device, run.amp_dtype)
     iters = train.iters
     stream = data.IterationData(train_set, train.batch_size, run.info.rank, run.info.world_size, run.cfg.seed, iters,
                                 train.num_workers, pin)
-    job = SegmentationJob(run, model, optimizer, scaler, f, iters, val_loader, test_cfg, names)
-    trainer_cfg = TrainerConfig(
-        total_steps=iters, steps_per_epoch=stream.steps_per_epoch, batch_size=train.batch_size,
-        clip_grad=train.clip_grad, log_every=train.log_every, seed=run.cfg.seed, by_epoch=False,
-        save_every=train.save_every, save_last_every=f.save_last_every, eval_every=f.eval_every, resume=train.resume,
-        auto_resume=train.auto_resume, compile=train.compile, grad_checkpointing=train.grad_checkpointing)
-    saved = run.resolved_args(flags, num_classes=num_classes, out_indices=list(model.cfg.out_indices))
+    job = SegmentationJob(run, model, optimizer, scaler, f, optim, iters, val_loader, test_cfg, names)
+    trainer_cfg = TrainerConfig.of(train, total_steps=iters, steps_per_epoch=stream.steps_per_epoch, seed=run.cfg.seed,
+                                   by_epoch=False, save_last_every=f.save_last_every, eval_every=f.eval_every)
+    saved = run.resolved_args(c.flags, num_classes=num_classes, out_indices=list(model.cfg.out_indices))
     _log.info("%s UperNet, %d classes, %.1fM parameters; %d training / %d validation images; total batch %d; "
               "lr %.2e, layer decay %.2f; amp %s", f.model, num_classes,
               sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), len(val_set),
-              train.batch_size * run.info.world_size, f.lr, f.layer_decay, run.amp_dtype)
+              train.batch_size * run.info.world_size, optim.lr, optim.layer_decay, run.amp_dtype)
     return Trainer(run, job, stream, trainer_cfg, saved, config_extra={"model_cfg": model.cfg.to_dict()}).fit()
 
 

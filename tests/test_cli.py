@@ -4,7 +4,7 @@ import argparse
 import shlex
 
 from util.config import cli
-from util.config.typed import RunConfig, TrainConfig, flag_dict
+from util.config.typed import RunConfig
 from util.data.datasets import check_folders
 from util.run.errors import UserError, run_cli
 from util.run.runner import start_run
@@ -270,8 +270,8 @@ def test_valid_edges_pass_and_a_long_warm_up_is_only_a_warning(tmp_path):
         "--warmup_epochs 40 exceeds --epochs 2: the learning rate stays in its linear warm-up and ends at 5% of its peak"]
 
     def seg_checks(*argv):
-        flags = flag_dict(seg_train.get_args_parser().parse_args([*TINY_SEG, "--data_path", "synthetic", *argv]))
-        return seg_train.SegFlags.from_flags(flags).validate(TrainConfig.from_flags(flags))
+        args = seg_train.get_args_parser().parse_args([*TINY_SEG, "--data_path", "synthetic", *argv])
+        return seg_train.SegmentationConfig.from_args(args).validate()
 
     assert seg_checks("--crop_size", "32", "--stride", "32") == []
     assert seg_checks("--crop_size", "32", "--stride", "21", "--iters", "10") == [
@@ -296,8 +296,8 @@ def test_the_demo_recipes_pass_every_check():
     ft = ClassifyConfig.from_args(main_finetune.get_args_parser().parse_args(
         [*demo_tool.FINETUNE, "--finetune", "pretrain/checkpoint-last.pth"]))
     assert ft.validate(timm_augment=True) == []
-    flags = flag_dict(seg_train.get_args_parser().parse_args(seg_demo.RECIPE))
-    assert seg_train.SegFlags.from_flags(flags).validate(TrainConfig.from_flags(flags)) == []
+    seg = seg_train.SegmentationConfig.from_args(seg_train.get_args_parser().parse_args(seg_demo.RECIPE))
+    assert seg.validate() == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,25 +1,132 @@
-"""Typed configuration: frozen dataclasses built once from the parsed flags and passed down.
+"""Typed configuration: each flag declared once, as a field of a frozen dataclass.
 
-Nothing below ``main_*`` reads or writes the ``argparse.Namespace``: each script builds the
-configs it needs with :meth:`FlagConfig.from_flags` (fields are picked by flag name), resolves what
-depends on the run (the learning rate from the total batch, the model's input size, ...) into new
-frozen instances, and hands those to the builders and the trainer. What a checkpoint stores as
-``args`` (MAE's format) is the flags as parsed plus the resolved values, as plain types.
+A field declared with :func:`flag` carries everything about its flag: the name (the field's), the
+default, the range check (an argparse ``type=`` from :mod:`util.config.ranges`), the help text and
+the ``--help`` group. :func:`add_flags` turns declarations into argparse arguments (a script may give
+its own default or wording, never a second declaration); :meth:`FlagConfig.from_flags` builds the
+config back from the parsed flags, by field name.
+
+Nothing below ``main_*`` reads or writes the ``argparse.Namespace``: each script builds the configs it
+needs, resolves what depends on the run (the learning rate from the total batch, the model's input
+size, ...) into new frozen instances, and hands those to the builders and the trainer. What a
+checkpoint stores as ``args`` (MAE's format) is the flags as parsed plus the resolved values, as plain
+types.
 """
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
+from util.config.ranges import (
+    nonneg_float,
+    nonneg_int,
+    port_number,
+    positive_float,
+    positive_int,
+    ranged,
+    seed_int,
+    sha256_prefix,
+    share,
+)
 from util.run.errors import UserError
 
 C = TypeVar("C", bound="FlagConfig")
 Flags = Union[argparse.Namespace, Mapping[str, Any]]
+Group = argparse._ArgumentGroup
+
+# the --help groups of the shared flags
+TRAINING, MODEL, DATA, OUTPUT = "training", "model", "data", "output and checkpoints"
+RUN, DISTRIBUTED, OPTIM, WEIGHTS = "device, precision and seed", "distributed", "optimizer and schedule", "weights and evaluation"
+
+_FLAG = "flag"  # the dataclass field metadata key of a declaration
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """How a declared field appears on the command line (see :func:`flag`)."""
+
+    help: str
+    group: str
+    type: Optional[Callable[[str], Any]] = None
+    metavar: Any = None
+    choices: Optional[Sequence[Any]] = None
+    nargs: Any = None
+    action: Any = None
+    names: Tuple[str, ...] = ()
+    off: Optional[Tuple[str, str]] = None
+
+    def add(self, group: Group, dest: str, default: Any, help: Optional[str] = None) -> None:
+        """Add the argument (and its ``off`` twin) to ``group``."""
+        kwargs: Dict[str, Any] = {"dest": dest, "default": default, "help": help or self.help}
+        for key in ("type", "metavar", "choices", "nargs", "action"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
+        group.add_argument(*(self.names or (f"--{dest}",)), **kwargs)
+        if self.off is not None:
+            group.add_argument(self.off[0], action="store_false", dest=dest, default=default, help=self.off[1])
+
+
+def flag(default: Any, help: str, *, group: str, type: Optional[Callable[[str], Any]] = None, metavar: Any = None,
+         choices: Optional[Sequence[Any]] = None, nargs: Any = None, action: Any = None, names: Sequence[str] = (),
+         off: Optional[Tuple[str, str]] = None) -> Any:
+    """Declare a config field and its flag, ``--<field name>`` unless ``names`` are given.
+
+    Args:
+        default: the field's default, and the flag's unless a script gives its own (:func:`add_flags`).
+        help: what ``--help`` says (the parser appends the default).
+        group: the ``--help`` group.
+        type / metavar / choices / nargs / action: as argparse's (``type``: the range check).
+        names: the option strings (e.g. both spellings of ``--local_rank``).
+        off: ``(option, help)`` of a second flag that stores False (``--no_pin_mem``, ``--cls_token``).
+    """
+    spec = FlagSpec(help, group, type, metavar, choices, nargs, action, tuple(names), off)
+    return dataclasses.field(default=default, metadata={_FLAG: spec})
 
 
 def flag_dict(flags: Flags) -> Dict[str, Any]:
     """The flags as a plain dict (a Namespace, or a checkpoint's saved ``args``)."""
     return dict(vars(flags)) if isinstance(flags, argparse.Namespace) else dict(flags or {})
+
+
+def declarations(*configs: Type["FlagConfig"]) -> Dict[str, dataclasses.Field]:
+    """The declared fields (:func:`flag`) of ``configs`` by name; a name declared twice is a bug."""
+    found: Dict[str, dataclasses.Field] = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            if _FLAG in f.metadata:
+                if f.name in found and found[f.name] is not f:
+                    raise TypeError(f"--{f.name} is declared twice ({config.__name__})")
+                found[f.name] = f
+    return found
+
+
+def group_of(parser: argparse.ArgumentParser, title: str) -> Group:
+    """The ``--help`` group ``title`` of ``parser``, created (after the existing ones) if missing."""
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def add_flags(parser: argparse.ArgumentParser, configs: Sequence[Type["FlagConfig"]], names: Sequence[str],
+              defaults: Optional[Mapping[str, Any]] = None, help: Optional[Mapping[str, str]] = None
+              ) -> Dict[str, Group]:
+    """Add the flags ``names`` (in this order) declared by ``configs``, each in its ``--help`` group.
+
+    Args:
+        defaults: this script's defaults where they differ from the declaration's (its recipe).
+        help: this script's wording of a flag's help (its units, its models).
+
+    Returns the groups used, by title, so that a script adds its own flags where they belong.
+    """
+    declared = declarations(*configs)
+    groups: Dict[str, Group] = {}
+    for name in names:
+        f = declared[name]
+        spec: FlagSpec = f.metadata[_FLAG]
+        group = groups.setdefault(spec.group, group_of(parser, spec.group))
+        spec.add(group, name, (defaults or {}).get(name, f.default), (help or {}).get(name))
+    return groups
 
 
 @dataclass(frozen=True)
@@ -31,6 +138,8 @@ class FlagConfig:
         given = flag_dict(flags)
         values = {}
         for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
             if f.name in overrides:
                 values[f.name] = overrides[f.name]
             elif f.name in given:
@@ -42,61 +151,122 @@ class FlagConfig:
         return dataclasses.replace(self, **changes)
 
 
+# --------------------------------------------------------------------------------------------
+# the flags every training script shares (MAE's names and meanings)
+
+
 @dataclass(frozen=True)
 class RunConfig(FlagConfig):
     """Start-up of every script: output folder, device, precision, seed, launcher, signals."""
 
-    output_dir: str = "./output_dir"
-    log_dir: Optional[str] = None
-    device: str = ""
-    amp: str = "auto"
-    seed: int = 0
-    stop_check_every: int = 10
-    local_rank: int = -1
-    dist_on_itp: bool = False
-    dist_url: str = "env://"
-    dist_port: Optional[int] = None
+    output_dir: str = flag("./output_dir", "where checkpoints, log.txt and config.json go", group=OUTPUT,
+                           metavar="DIR")
+    log_dir: Optional[str] = flag(None, "TensorBoard directory (default: --output_dir)", group=OUTPUT, metavar="DIR")
+    device: str = flag("", "cuda, cuda:N or cpu (default: cuda when available)", group=RUN)
+    amp: str = flag("auto", "mixed precision (auto: bf16 on GPUs that support it, else fp16; none on CPU)", group=RUN,
+                    choices=["auto", "bf16", "fp16", "none"])
+    seed: int = flag(0, "seed of the initialisation, the data order and the masks", group=RUN, type=seed_int,
+                     metavar="N")
+    stop_check_every: int = flag(
+        10, "optimizer steps between the checks that stop every process after the same step on SIGTERM / SIGUSR1 "
+            "(each check: one tiny all-reduce on the CPU)", group=RUN, type=positive_int, metavar="N")
+    local_rank: int = flag(-1, "set by python -m torch.distributed.launch (either spelling); -1: not launched by it",
+                           group=DISTRIBUTED, type=ranged(int, -1, name="local_rank"), metavar="N",
+                           names=("--local_rank", "--local-rank"))
+    dist_on_itp: bool = flag(False, "OpenMPI launch (OMPI_COMM_WORLD_* variables)", group=DISTRIBUTED,
+                             action="store_true")
+    dist_url: str = flag("env://", "rendezvous URL", group=DISTRIBUTED, metavar="URL")
+    dist_port: Optional[int] = flag(None, "master port for SLURM launches (default: MASTER_PORT, else 29500)",
+                                    group=DISTRIBUTED, type=port_number, metavar="PORT")
 
 
 @dataclass(frozen=True)
-class TrainConfig(FlagConfig):
-    """The training-loop flags the scripts share (MAE's names; ``save_every`` in epochs, or in
-    iterations for segmentation, which also sets ``iters``)."""
+class LoopConfig(FlagConfig):
+    """The flags the trainer reads (``util.run.trainer.TrainerConfig`` adds the run's geometry to them)."""
 
-    data_path: str = "digits"
-    batch_size: int = 64
-    accum_iter: int = 1
-    epochs: int = 1
-    iters: Optional[int] = None
-    log_every: int = 20
-    save_every: int = 20
-    clip_grad: Optional[float] = None
-    compile: bool = False
-    grad_checkpointing: bool = False
-    resume: str = ""
-    auto_resume: bool = True
-    start_epoch: int = 0
-    num_workers: int = 10
-    pin_mem: bool = True
-    decode: str = "auto"
-    shuffle_buffer: int = 1000
+    batch_size: int = flag(64, "batch size per GPU (effective batch = batch_size * accum_iter * processes)",
+                           group=TRAINING, type=positive_int, metavar="N")
+    accum_iter: int = flag(1, "gradient accumulation iterations (an optimizer step every N batches)", group=TRAINING,
+                           type=positive_int, metavar="N")
+    clip_grad: Optional[float] = flag(None, "clip the gradient norm to NORM (default: off; 0 is off too)", group=OPTIM,
+                                      type=nonneg_float, metavar="NORM")
+    log_every: int = flag(20, "iterations between log lines / TensorBoard points", group=OUTPUT, type=positive_int,
+                          metavar="N")
+    save_every: int = flag(20, "epochs between numbered checkpoints (checkpoint-<epoch>.pth; the last epoch always)",
+                           group=OUTPUT, type=positive_int, metavar="N")
+    resume: str = flag("", "checkpoint to resume from (default: newest in --output_dir)", group=OUTPUT, metavar="FILE")
+    auto_resume: bool = flag(True, "do not resume from the newest checkpoint found in --output_dir", group=OUTPUT,
+                             action="store_false", names=("--no_auto_resume",))
+    start_epoch: int = flag(0, "first epoch when not resuming", group=OUTPUT, type=nonneg_int, metavar="N")
+    compile: bool = flag(False, "torch.compile the model", group=RUN, action="store_true")
+    grad_checkpointing: bool = flag(
+        False, "recompute blocks in the backward pass: less activation memory, about 1/3 more compute", group=RUN,
+        action="store_true")
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """The training flags the scripts share (MAE's names; ``save_every`` in epochs, or in iterations
+    for segmentation, which sets ``iters`` instead of ``epochs``)."""
+
+    data_path: str = flag(
+        "digits", "ImageFolder root with train/ (and val/) inside, 'digits' for the built-in dataset, or tar shards "
+                  "(a folder of shards made by tools/make_shards.py, brace notation, pipe: URLs; 'digits-shards')",
+        group=DATA, type=str, metavar="DIR")
+    epochs: int = flag(1, "training epochs", group=TRAINING, type=positive_int, metavar="N")
+    iters: Optional[int] = flag(None, "training iterations (optimizer steps)", group=TRAINING, type=positive_int,
+                                metavar="N")
+    num_workers: int = flag(10, "data loading processes per GPU (0: load in the training process)", group=DATA,
+                            type=nonneg_int, metavar="N")
+    pin_mem: bool = flag(True, "pin CPU memory for faster host-to-device copies (the default)", group=DATA,
+                         action="store_true", off=("--no_pin_mem", "do not pin CPU memory"))
+    decode: str = flag(
+        "auto", "image decoding: auto (JPEGs decoded at reduced size when the crop allows, libjpeg-turbo; other "
+                "formats as pil), pil (the reference: PIL decodes every image whole), nvjpeg (JPEGs decoded on the GPU)",
+        group=DATA, choices=["auto", "pil", "nvjpeg"])
+    shuffle_buffer: int = flag(1000, "tar shards: samples each loader worker holds to shuffle", group=DATA,
+                               type=positive_int, metavar="N")
 
 
 @dataclass(frozen=True)
 class OptimConfig(FlagConfig):
     """AdamW / LARS settings and the cosine schedule (``lr`` None: from ``blr``, see :meth:`resolved`)."""
 
-    lr: Optional[float] = None
-    blr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.05
-    fused_adamw: Optional[bool] = None
+    lr: Optional[float] = flag(None, "absolute learning rate (default: from --blr)", group=OPTIM,
+                               type=positive_float, metavar="LR")
+    blr: float = flag(1e-3, "base learning rate: lr = blr * total batch size / 256", group=OPTIM,
+                      type=positive_float, metavar="LR")
+    min_lr: float = flag(0.0, "lower bound of the cosine schedule", group=OPTIM, type=nonneg_float, metavar="LR")
+    warmup_epochs: float = flag(0.0, "epochs of linear warm-up (fractions allowed)", group=OPTIM, type=nonneg_float,
+                                metavar="N")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on biases, norms, tokens)", group=OPTIM,
+                               type=nonneg_float, metavar="WD")
+    layer_decay: float = flag(1.0, "layer-wise lr decay (BEiT / MAE): block i of L gets lr * decay^(L + 1 - i)",
+                              group=OPTIM, type=share, metavar="DECAY")
+    fused_adamw: Optional[bool] = flag(None, "fused AdamW kernels (default: on for CUDA and CPU)", group=OPTIM,
+                                       action=argparse.BooleanOptionalAction)
 
     def resolved(self, total_batch: int) -> "OptimConfig":
         """The one lr-scaling rule (MAE): ``lr = blr * total batch / 256`` unless ``--lr`` is given;
         total batch = per-process batch x accumulation steps x processes."""
         return self if self.lr is not None else self.replace(lr=self.blr * total_batch / 256)
+
+
+@dataclass(frozen=True)
+class WeightsConfig(FlagConfig):
+    """Pre-trained weights to start from, and ``--eval`` (every script that fine-tunes an encoder)."""
+
+    finetune: str = flag(
+        "", "pre-trained weights: a file (this repo's, MAE's, the reference DeepMIM's, timm / .safetensors), a "
+            "published name (e.g. mae_pretrain_vit_base), an http(s) URL or hf-hub:ORG/NAME (default: none, random "
+            "initialisation)", group=WEIGHTS, metavar="CHECKPOINT")
+    finetune_sha256: Optional[str] = flag(None, "expected sha256 (prefix) of a downloaded --finetune (default: not "
+                                                "checked)", group=WEIGHTS, type=sha256_prefix, metavar="HEX")
+    eval: bool = flag(False, "only evaluate --resume (default: newest in --output_dir)", group=WEIGHTS,
+                      action="store_true")
+
+
+SHARED_CONFIGS = (RunConfig, TrainConfig, OptimConfig, WeightsConfig)  # the flags of util/config/cli.py's groups
 
 
 def check_schedule(train: TrainConfig, optim: OptimConfig) -> List[str]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from util.config.typed import FlagConfig
+from util.config.ranges import OrderedPair, StrictPair, nonneg_float, positive_int, probability, rate, share
+from util.config.typed import FlagConfig, flag
 from util.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from util.data.decode import DecodeTransform, read_encoded, rgb8
 from util.data.loader import build_loader
@@ -439,25 +440,37 @@ def _fix_posterize(transform):
     return transform
 
 
+AUG = "augmentation"  # its --help group
+
+
 @dataclass(frozen=True)
 class AugConfig(FlagConfig):
-    """The augmentation flags of fine-tuning (timm's) and linear probing (crop and flip only)."""
+    """The augmentation flags of fine-tuning (timm's names and meanings) and linear probing (crop and
+    flip only)."""
 
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    color_jitter: Optional[float] = None
-    aa: str = "rand-m9-mstd0.5-inc1"
-    smoothing: float = 0.1
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    resplit: bool = False
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    cutmix_minmax: Optional[Tuple[float, ...]] = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
+    crop_scale: Tuple[float, float] = flag(
+        (0.08, 1.0), "RandomResizedCrop area range, 0 < MIN <= MAX <= 1 (timm's default; small images such as digits "
+                     "want ~0.5 1)", group=AUG, type=share, nargs=2, metavar=("MIN", "MAX"), action=OrderedPair)
+    hflip: float = flag(0.5, "horizontal flip probability (0 for digits, text, ...)", group=AUG, type=probability)
+    color_jitter: Optional[float] = flag(None, "color jitter factor, only without --aa (default: off)", group=AUG,
+                                         type=nonneg_float, metavar="PCT")
+    aa: str = flag("rand-m9-mstd0.5-inc1", "RandAugment / AutoAugment policy ('none' to disable)", group=AUG,
+                   type=str, metavar="NAME")
+    smoothing: float = flag(0.1, "label smoothing", group=AUG, type=rate)
+    reprob: float = flag(0.25, "random erasing probability", group=AUG, type=probability, metavar="PCT")
+    remode: str = flag("pixel", "random erasing fill: per-pixel noise, per-channel noise or zeros", group=AUG,
+                       type=str, choices=["pixel", "rand", "const"])
+    recount: int = flag(1, "random erasing count", group=AUG, type=positive_int)
+    resplit: bool = flag(False, "no random erasing on the first split", group=AUG, action="store_true")
+    mixup: float = flag(0, "mixup alpha (enabled if > 0)", group=AUG, type=nonneg_float)
+    cutmix: float = flag(0, "cutmix alpha (enabled if > 0)", group=AUG, type=nonneg_float)
+    cutmix_minmax: Optional[Tuple[float, ...]] = flag(
+        None, "cutmix box size range as fractions of the image, MIN < MAX; enables cutmix (default: from --cutmix "
+              "alpha)", group=AUG, type=probability, nargs="+", metavar=("MIN", "MAX"), action=StrictPair)
+    mixup_prob: float = flag(1.0, "probability of mixup or cutmix per batch", group=AUG, type=probability)
+    mixup_switch_prob: float = flag(0.5, "probability of cutmix when both are on", group=AUG, type=probability)
+    mixup_mode: str = flag("batch", "mix per batch, per pair of images or per image", group=AUG, type=str,
+                           choices=["batch", "pair", "elem"])
 
 
 def finetune_transform(input_size: int, aug: AugConfig):

@@ -33,6 +33,7 @@ no log line or checkpoint and duplicates none. A mid-epoch checkpoint also carri
 running metric sums, so a resumed epoch logs the mean over the whole epoch.
 """
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -45,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
 from util.checkpoints.files import append_jsonl, check_free_space, write_text
-from util.config.typed import TrainConfig
+from util.config.typed import LoopConfig, TrainConfig
 from util.data.build import TrainData
 from util.run import dist as dist_util
 from util.run.amp import autocast
@@ -264,9 +265,10 @@ class Job:
 # the trainer
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
-    """How the trainer runs a job (built by the scripts from their flags).
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig(LoopConfig):
+    """How the trainer runs a job: the loop's flags (:class:`util.config.typed.LoopConfig`, where each is
+    declared with its flag) and what the script works out from the data and the schedule.
 
     ``by_epoch``: MAE's epoch-based jobs (log interval counted within each epoch; commit at every
     epoch end; ``save_every`` in epochs). Otherwise iteration-based (segmentation): log, evaluate
@@ -275,29 +277,21 @@ class TrainerConfig:
 
     total_steps: int
     steps_per_epoch: int
-    batch_size: int
-    accum_iter: int = 1
-    clip_grad: Optional[float] = None
-    log_every: int = 20
     seed: int = 0
     by_epoch: bool = True
-    save_every: int = 20
     save_last_every: int = 0
     eval_every: int = 0
-    resume: str = ""
-    auto_resume: bool = True
-    start_epoch: int = 0
-    compile: bool = False
-    grad_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, loop: LoopConfig, **settings: Any) -> "TrainerConfig":
+        """The loop flags of ``loop`` (e.g. a script's :class:`util.config.typed.TrainConfig`) and ``settings``."""
+        return cls(**{f.name: getattr(loop, f.name) for f in dataclasses.fields(LoopConfig)}, **settings)
 
 
 def epoch_trainer_config(train: TrainConfig, seed: int, steps_per_epoch: int) -> TrainerConfig:
     """The trainer settings of an epoch-based script (MAE's flags: ``--epochs``, ``--save_every`` in epochs)."""
-    return TrainerConfig(
-        total_steps=train.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, batch_size=train.batch_size,
-        accum_iter=train.accum_iter, clip_grad=train.clip_grad, log_every=train.log_every, seed=seed, by_epoch=True,
-        save_every=train.save_every, resume=train.resume, auto_resume=train.auto_resume, start_epoch=train.start_epoch,
-        compile=train.compile, grad_checkpointing=train.grad_checkpointing)
+    return TrainerConfig.of(train, total_steps=train.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                            seed=seed)
 
 
 class _Sums:
