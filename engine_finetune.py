@@ -3,7 +3,6 @@
 Used by ``main_finetune.py`` and ``main_linprobe.py``: the two differ only in model, optimizer and
 augmentation, never in how an epoch runs or how accuracy is counted. The loop is ``util/run/trainer.py``.
 """
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -11,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
 from util.config.classify import DEFAULT_MODEL, ClassifierFlags, probe_layer_of
-from util.config.typed import OptimConfig, RunConfig, TrainConfig, check_schedule, flag_dict
+from util.config.typed import OptimConfig, RunConfig, ScriptConfig, TrainConfig, check_schedule
 from util.data.build import check_data
 from util.data.build import classification_data as build_classification_data
 from util.data.datasets import AugConfig, check_augmentation, with_decode
@@ -32,7 +31,7 @@ _log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(ScriptConfig):
     """Everything fine-tuning / linear probing reads, built once from the flags (:meth:`from_args`)."""
 
     run: RunConfig
@@ -42,11 +41,6 @@ class ClassifyConfig:
     aug: AugConfig
     flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ClassifyConfig":
-        flags = flag_dict(args)
-        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
-                   ClassifierFlags.from_flags(flags), AugConfig.from_flags(flags), flags)
 
     def validate(self, timm_augment: bool) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

@@ -29,11 +29,11 @@ from util.config.typed import (
     FlagConfig,
     OptimConfig,
     RunConfig,
+    ScriptConfig,
     TrainConfig,
     add_flags,
     check_schedule,
     flag,
-    flag_dict,
 )
 from util.data.build import build_train_data, check_pretrain_data
 from util.data.datasets import pretrain_transform
@@ -128,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(ScriptConfig):
     """Everything pre-training reads, built once from the flags (:meth:`from_args`)."""
 
     run: RunConfig
@@ -139,11 +139,6 @@ class PretrainConfig:
     monitor: MonitorConfig
     flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PretrainConfig":
-        flags = flag_dict(args)
-        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
-                   ModelFlags.from_flags(flags), TargetConfig.from_flags(flags), MonitorConfig.from_flags(flags), flags)
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

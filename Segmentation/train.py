@@ -44,11 +44,11 @@ from util.config.typed import (
     WEIGHTS,
     OptimConfig,
     RunConfig,
+    ScriptConfig,
     TrainConfig,
     WeightsConfig,
     add_flags,
     flag,
-    flag_dict,
 )
 from util.data.datasets import eval_loader
 from util.run.amp import make_scaler
@@ -167,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class SegmentationConfig:
+class SegmentationConfig(ScriptConfig):
     """Everything segmentation reads, built once from the flags (:meth:`from_args`)."""
 
     run: RunConfig
@@ -176,11 +176,6 @@ class SegmentationConfig:
     seg: SegFlags
     flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SegmentationConfig":
-        flags = flag_dict(args)
-        return cls(RunConfig.from_flags(flags), TrainConfig.from_flags(flags), OptimConfig.from_flags(flags),
-                   SegFlags.from_flags(flags), flags)
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

@@ -14,6 +14,7 @@ types.
 """
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -31,6 +32,7 @@ from util.config.ranges import (
 from util.run.errors import UserError
 
 C = TypeVar("C", bound="FlagConfig")
+S = TypeVar("S", bound="ScriptConfig")
 Flags = Union[argparse.Namespace, Mapping[str, Any]]
 Group = argparse._ArgumentGroup
 
@@ -153,6 +155,20 @@ class FlagConfig:
 
 # --------------------------------------------------------------------------------------------
 # the flags every training script shares (MAE's names and meanings)
+
+
+@dataclass(frozen=True)
+class ScriptConfig:
+    """Everything a script reads: each field a :class:`FlagConfig` built from the one parsed command
+    line (:meth:`from_args`), and ``flags``, that command line as parsed (stored, with the resolved
+    values, as the checkpoints' ``args``)."""
+
+    @classmethod
+    def from_args(cls: Type[S], args: Flags) -> S:
+        flags = flag_dict(args)
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: flags if f.name == "flags" else hints[f.name].from_flags(flags)
+                      for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
