@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
 from util.config.classify import DEFAULT_MODEL, ClassifierFlags, probe_layer_of
-from util.config.typed import OptimConfig, RunConfig, ScriptConfig, TrainConfig, check_schedule
+from util.config.typed import OptimConfig, ScriptConfig, check_schedule
 from util.data.build import check_data
 from util.data.build import classification_data as build_classification_data
 from util.data.datasets import AugConfig, check_augmentation, with_decode
@@ -34,13 +34,8 @@ _log = logging.getLogger(__name__)
 class ClassifyConfig(ScriptConfig):
     """Everything fine-tuning / linear probing reads, built once from the flags (:meth:`from_args`)."""
 
-    run: RunConfig
-    train: TrainConfig
-    optim: OptimConfig
     model: ClassifierFlags
     aug: AugConfig
-    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
-
 
     def validate(self, timm_augment: bool) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

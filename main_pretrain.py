@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from util.config.cli import (
     Parser,
@@ -27,10 +27,7 @@ from util.config.cli import (
 from util.config.typed import (
     MODEL,
     FlagConfig,
-    OptimConfig,
-    RunConfig,
     ScriptConfig,
-    TrainConfig,
     add_flags,
     check_schedule,
     flag,
@@ -131,14 +128,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 class PretrainConfig(ScriptConfig):
     """Everything pre-training reads, built once from the flags (:meth:`from_args`)."""
 
-    run: RunConfig
-    train: TrainConfig
-    optim: OptimConfig
     model: ModelFlags
     targets: TargetConfig
     monitor: MonitorConfig
-    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
-
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

@@ -43,9 +43,7 @@ from util.config.typed import (
     SHARED_CONFIGS,
     WEIGHTS,
     OptimConfig,
-    RunConfig,
     ScriptConfig,
-    TrainConfig,
     WeightsConfig,
     add_flags,
     flag,
@@ -170,12 +168,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 class SegmentationConfig(ScriptConfig):
     """Everything segmentation reads, built once from the flags (:meth:`from_args`)."""
 
-    run: RunConfig
-    train: TrainConfig
-    optim: OptimConfig
     seg: SegFlags
-    flags: Dict[str, Any]  # the command line as parsed: stored (with the resolved values) as the checkpoints' args
-
 
     def validate(self) -> List[str]:
         """The cross-flag checks, before anything is built or written (the per-flag ranges are the

@@ -161,7 +161,13 @@ class FlagConfig:
 class ScriptConfig:
     """Everything a script reads: each field a :class:`FlagConfig` built from the one parsed command
     line (:meth:`from_args`), and ``flags``, that command line as parsed (stored, with the resolved
-    values, as the checkpoints' ``args``)."""
+    values, as the checkpoints' ``args``). Every script has the run, loop and optimizer configs; a
+    subclass adds its own."""
+
+    run: "RunConfig"
+    train: "TrainConfig"
+    optim: "OptimConfig"
+    flags: Dict[str, Any]
 
     @classmethod
     def from_args(cls: Type[S], args: Flags) -> S:
