@@ -99,6 +99,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def compile_here():
+    """For a test that calls ``torch.compile`` in the test process: inductor keeps its precompiled C++
+    headers under ``tempfile.gettempdir()/torchinductor_<user>`` whatever ``TORCHINDUCTOR_CACHE_DIR``
+    says (the path is fixed when ``torch._inductor.codecache`` is imported), so the run's temp directory
+    would keep them; the test compiles without them (the kernels are the same, each compiles its own
+    includes)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(cpp_cache_precompile_headers=False):
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits_root(data_cache):
     from util.data.datasets import resolve_data_path

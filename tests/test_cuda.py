@@ -193,7 +193,7 @@ def test_mixed_precision_step_matches_fp32(dtype):
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_student_equals_eager(dtype):
+def test_compiled_student_equals_eager(dtype, compile_here):
     cfg = dict(depth=4, ds_layers=(2, 4), decoder_depth=1)  # a smaller graph compiles sooner
     imgs, noise, target = batch()
     eager_model, compiled_model = tiny(**cfg), tiny(**cfg)
@@ -286,7 +286,7 @@ def test_teacher_runs_in_inference_mode_with_fused_attention(tiny_clip, dtype):
     assert_fused_attention(ops)
 
 
-def test_compiled_teacher_equals_eager(tiny_clip):
+def test_compiled_teacher_equals_eager(tiny_clip, compile_here):
     teacher = clip_teacher(tiny_clip)
     imgs = torch.randn(4, 3, 32, 32, device=CUDA)
     with ieee_fp32():

@@ -38,7 +38,7 @@ def test_student_and_teacher_attention_take_the_fused_path(tiny_clip):
 
 
 @pytest.mark.slow  # compiling takes minutes on CPU; the eager fused-attention tests above are its sibling
-def test_compiled_and_eager_losses_and_gradients_are_equal():
+def test_compiled_and_eager_losses_and_gradients_are_equal(compile_here):
     model = tiny()
     imgs = torch.randn(4, 3, 16, 16)
     target, noise = PixelTarget(16, 4, norm_pix=True)(imgs), torch.rand(4, 16)
