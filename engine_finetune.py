@@ -19,7 +19,7 @@ from util.run.errors import UserError
 from util.run.logs import fmt_seconds
 from util.run.lr_sched import cosine_schedule
 from util.run.runner import Run
-from util.run.trainer import Commit, Job, Trainer, epoch_trainer_config
+from util.run.trainer import Commit, Job, Trainer, epoch_trainer_config, evaluate_checkpoint
 
 import torch
 from torch import nn
@@ -187,13 +187,9 @@ def run_classification(run: Run, c: ClassifyConfig, model: nn.Module, optimizer:
     """
     train, device = c.train, run.device
     if c.model.eval:
-        if eval_path is not None:
-            ckpt = ckpt_util.read_checkpoint(eval_path, check=True)
-            convert.load_model_state(model, convert.model_state_of(ckpt, eval_path), eval_path)
-            _log.info("evaluating %s", eval_path)
-        elif not c.model.finetune:
-            _log.warning("--eval without --resume / --finetune: evaluating a randomly initialised model")
-        return evaluate_and_report(run, model, val_loader, c.model.dist_eval)
+        untrained = None if c.model.finetune else "--eval without --resume / --finetune: evaluating a randomly initialised model"
+        return evaluate_checkpoint(model, eval_path, lambda _: evaluate_and_report(run, model, val_loader, c.model.dist_eval),
+                                   untrained)
     schedule = cosine_schedule(optim.lr, optim.min_lr, optim.warmup_epochs, train.epochs, data.steps_per_epoch)
     job = ClassificationJob(run, model, optimizer, make_scaler(device, run.amp_dtype), loss_fn, schedule, val_loader,
                             c.model.dist_eval)

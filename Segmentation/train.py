@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
 from util.config.cli import (
     OrderedPair,
@@ -55,7 +54,7 @@ from util.run.logs import fmt_seconds
 from util.run.lr_sched import poly_schedule
 from util.run.optim import adamw, layer_decay_groups
 from util.run.runner import Run, start_run
-from util.run.trainer import Commit, Job, Trainer, TrainerConfig
+from util.run.trainer import Commit, Job, Trainer, TrainerConfig, evaluate_checkpoint
 
 import torch
 from torch import nn
@@ -297,16 +296,15 @@ def segment(run: Run, c: SegmentationConfig) -> Dict[str, Any]:
             _log.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", run.device)
 
     if f.eval:
+        def report(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+            stats = validate(run, model, val_loader, test_cfg, names, int(ckpt.get("iteration", 0)))
+            print(f"mIoU {stats['mIoU']:.2f}  mAcc {stats['mAcc']:.2f}  aAcc {stats['aAcc']:.2f}  on {stats['images']} "
+                  f"images")
+            return stats
+
         path = ckpt_util.resume_source(run.out_dir, train.resume, train.auto_resume, run.is_main)
-        ckpt: Dict[str, Any] = {}
-        if path is not None:
-            ckpt = ckpt_util.read_checkpoint(path, check=True)
-            convert.load_model_state(model, convert.model_state_of(ckpt, path), path)
-        else:
-            _log.warning("--eval without a checkpoint (--resume, or one in --output_dir): the heads are random")
-        stats = validate(run, model, val_loader, test_cfg, names, int(ckpt.get("iteration", 0)))
-        print(f"mIoU {stats['mIoU']:.2f}  mAcc {stats['mAcc']:.2f}  aAcc {stats['aAcc']:.2f}  on {stats['images']} images")
-        return stats
+        return evaluate_checkpoint(model, path, report,
+                                   "--eval without a checkpoint (--resume, or one in --output_dir): the heads are random")
 
     train_set = data.ADE20K(root, data.SPLITS["train"], num_classes,
                             data.TrainTransform(f.crop_size, f.img_scale, f.ratio_range, f.cat_max_ratio))

@@ -706,6 +706,31 @@ class Trainer:
             self.commit(done, records, files)
 
 
+
+# --------------------------------------------------------------------------------------------
+# --eval
+
+
+def evaluate_checkpoint(model: nn.Module, path: Optional[str], evaluate: Callable[[Dict[str, Any]], Dict[str, Any]],
+                        untrained: Optional[str] = None) -> Dict[str, Any]:
+    """``--eval`` of every script: load the checkpoint ``path`` into ``model`` (verified first, the
+    whole model, in any layout the reader converts), then return ``evaluate(checkpoint)``: the
+    script's evaluation and report (the checkpoint tells it e.g. the iteration it was written at).
+
+    Args:
+        path: the checkpoint (``util.checkpoints.reader.resume_source``, or a script's own choice);
+            None: evaluate ``model`` as it is (e.g. with the ``--finetune`` weights it was built with).
+        untrained: the warning to log when ``path`` is None and ``model`` holds no trained weights.
+    """
+    ckpt: Dict[str, Any] = {}
+    if path is not None:
+        ckpt = ckpt_util.read_checkpoint(path, check=True)
+        convert.load_model_state(model, convert.model_state_of(ckpt, path), path)
+        _log.info("evaluating %s", path)
+    elif untrained:
+        _log.warning("%s", untrained)
+    return evaluate(ckpt)
+
 def _fail_point(name: str) -> None:
     """Testing crash consistency: ``DEEPMIM_KILL_AFTER=<file>:<n>`` kills this process (SIGKILL, as
     ``kill -9``) right after it writes ``<file>`` (a checkpoint name or ``log.txt``) the n-th time."""
