@@ -18,7 +18,7 @@ from util.checkpoints.files import append_jsonl, check_free_space, temp_path
 from util.run.dist import detect, first_slurm_host
 from util.run.errors import Preempted, UserError
 from util.run.preempt import EXIT_PREEMPTED
-from util.run.trainer import rescale_step
+from util.run.schedule import rescale_step
 
 import dist_step
 import pytest

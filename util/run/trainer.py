@@ -13,9 +13,10 @@ is the epoch, kept for MAE's flags, ``log.txt`` and the checkpoint's ``epoch`` f
    ``log.txt`` record where it has one); the non-finite guard (:class:`NonFiniteTracker`); where
    the time goes (:class:`Progress`: data-loading share, images/s, ETA of the epoch and the run,
    peak memory);
-4. commit points: at the end of every epoch (epoch-based jobs: the job's epoch hook, e.g. evaluation
-   and the best checkpoint, then ``log.txt`` and the checkpoints) or every ``eval_every`` /
-   ``save_every`` / ``save_last_every`` steps (iteration-based jobs);
+4. commit points, when the schedule (``util/run/schedule.py``) says: at the end of every epoch
+   (epoch-based jobs: the job's epoch hook, e.g. evaluation and the best checkpoint, then ``log.txt``
+   and the checkpoints) or every ``eval_every`` / ``save_every`` / ``save_last_every`` steps
+   (iteration-based jobs);
 5. preemption: SIGTERM / SIGUSR1 stop every rank after the same optimizer step
    (``util/run/preempt.py``); ``checkpoint-last.pth`` records the position and the running sums, and
    :class:`util.run.errors.Preempted` ends the script.
@@ -24,20 +25,15 @@ Host synchronisation happens only at log steps and commit points: metrics are su
 and the non-finite check keeps the first bad (step, metric) in a device tensor. A NaN therefore
 stops training within ``log_every`` steps, before any checkpoint is written from corrupted weights.
 
-**Crash consistency.** A commit writes ``checkpoint-last.pth`` first, with what the commit still has
-to do (the other checkpoint names, the ``log.txt`` lines), then the numbered / best checkpoints,
-then the log lines. A rerun resumes from the furthest checkpoint and first completes its commit
-(writes missing files, appends missing lines), and drops ``log.txt`` lines past the resume point
-(the rerun writes them again, with the same numbers). A ``kill -9`` at any moment therefore loses
-no log line or checkpoint and duplicates none. A mid-epoch checkpoint also carries the epoch's
-running metric sums, so a resumed epoch logs the mean over the whole epoch.
+**Crash consistency.** A commit writes ``checkpoint-last.pth`` first and names in it what follows; a
+rerun completes an interrupted commit before it continues (``util/run/commit.py``), so a ``kill -9``
+at any moment loses no log line or checkpoint and duplicates none. A mid-epoch checkpoint also
+carries the epoch's running metric sums, so a resumed epoch logs the mean over the whole epoch.
 """
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +41,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
-from util.checkpoints.files import append_jsonl, check_free_space, write_text
+from util.checkpoints.files import check_free_space
 from util.config.typed import LoopConfig, TrainConfig
 from util.data.build import TrainData
 from util.run import dist as dist_util
 from util.run.amp import autocast
+from util.run.commit import CommitLog
 from util.run.errors import UserError
 from util.run.logs import fmt_seconds, peak_memory
 from util.run.lr_sched import applied_lr, set_lr
 from util.run.runner import Run
+from util.run.schedule import EpochSchedule, IterationSchedule, Schedule
 from util.run.seed import derive_seed, seed_everything
 
 import torch
@@ -82,22 +80,14 @@ class NonFiniteTracker:
         code = step * len(self.labels) + torch.argmax(bad.to(torch.int32))
         self.first = torch.where((self.first < 0) & bad.any(), code, self.first)
 
-    def check(self, steps_per_epoch: Optional[int] = None) -> None:
-        """Raise (one host sync) if a non-finite value has been seen.
-
-        ``steps_per_epoch`` names the epoch and iteration of the bad step; None (iteration-based
-        training such as segmentation) names the iteration alone.
-        """
+    def check(self, where: Callable[[int], str]) -> None:
+        """Raise (one host sync) if a non-finite value has been seen; ``where`` names the bad step
+        (``Schedule.where_step``)."""
         first = int(self.first.item())
         if first >= 0:
             step, which = divmod(first, len(self.labels))
-            if steps_per_epoch:
-                epoch, it = divmod(step, steps_per_epoch)
-                where = f"step {step} (epoch {epoch}, iteration {it})"
-            else:
-                where = f"iteration {step}"
             raise UserError(
-                f"Non-finite loss at {where} in {self.labels[which]}. Training stopped; checkpoints already "
+                f"Non-finite loss at {where(step)} in {self.labels[which]}. Training stopped; checkpoints already "
                 f"written are intact. Lower the learning rate (--blr / --lr), add --clip_grad, or try --amp bf16 / "
                 f"--amp none."
             )
@@ -158,17 +148,6 @@ def wrap(model: nn.Module, device: torch.device, distributed: bool, grad_checkpo
     if compile:
         model = torch.compile(model)
     return model
-
-
-def rescale_step(step: int, old_batch: int, new_batch: int, accum_iter: int = 1) -> int:
-    """Iterations into an epoch that cover the samples ``step`` iterations of ``old_batch`` covered.
-
-    The distributed sampler deals one global permutation round-robin, so after ``step`` iterations
-    the samples used are its first ``step * old_batch`` (total batch = processes x per-process batch),
-    whatever the number of processes. Rounded down to a whole batch and to an accumulation boundary.
-    """
-    new = step * old_batch // new_batch
-    return new - new % max(1, accum_iter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +261,13 @@ class TrainerConfig(LoopConfig):
     save_last_every: int = 0
     eval_every: int = 0
 
+    def schedule(self) -> Schedule:
+        """When to log, evaluate and save (``by_epoch``: :class:`EpochSchedule`, else :class:`IterationSchedule`)."""
+        if self.by_epoch:
+            return EpochSchedule(self.steps_per_epoch, self.log_every, self.save_every)
+        return IterationSchedule(self.steps_per_epoch, self.log_every, self.save_every, self.save_last_every,
+                                 self.eval_every)
+
     @classmethod
     def of(cls, loop: LoopConfig, **settings: Any) -> "TrainerConfig":
         """The loop flags of ``loop`` (e.g. a script's :class:`util.config.typed.TrainConfig`) and ``settings``."""
@@ -369,31 +355,17 @@ class Progress:
 
     def fields(self, trainer: "Trainer", done: int, sec: float, data: float) -> Tuple[str, Dict[str, float]]:
         """The text after the job's progress line, and the same numbers as TensorBoard scalars."""
-        spe = trainer.steps_per_epoch
         ips = self.images_per_step / max(sec, 1e-9)
         gib, what = peak_memory(trainer.run.device)
         parts = [f"data {data:.3f} s/it ({100 * data / max(sec, 1e-9):.0f}%)", f"{ips:.1f} img/s"]
-        if trainer.cfg.by_epoch:  # iteration-based jobs print their own ETA
-            left_in_epoch = (spe - done % spe) % spe
+        left_in_epoch = trainer.schedule.left_in_epoch(done)
+        if left_in_epoch is not None:  # iteration-based jobs print their own ETA
             parts.append(f"eta epoch {fmt_seconds(sec * left_in_epoch)} run "
                          f"{fmt_seconds(self.eta_run(done, trainer.total_steps))}")
         parts.append(f"{what} {gib:.2f} GB")
         scalars = {"perf/s_per_it": sec, "perf/data_s_per_it": data, "perf/images_per_s": ips,
                    "perf/peak_memory_gb": gib}
         return ", ".join(parts), scalars
-
-
-def record_step(record: Dict[str, Any], steps_per_epoch: int) -> int:
-    """The global step a ``log.txt`` record belongs to (``iteration``, or the end of its ``epoch``)."""
-    if "iteration" in record:
-        return int(record["iteration"])
-    if "epoch" in record:
-        return (int(record["epoch"]) + 1) * steps_per_epoch
-    return 0
-
-
-def _record_key(record: Dict[str, Any]) -> Tuple[Any, ...]:
-    return record.get("mode"), record.get("iteration"), record.get("epoch")
 
 
 class Trainer:
@@ -414,6 +386,8 @@ class Trainer:
         self.config_extra = dict(config_extra or {})
         self.steps_per_epoch = cfg.steps_per_epoch
         self.total_steps = cfg.total_steps
+        self.schedule = cfg.schedule()
+        self.commits = CommitLog(run.out_dir, cfg.steps_per_epoch)
         k = len(job.metric_names)
         self.epoch_sums = _Sums(k, run.device)
         self.window = _Sums(k, run.device)
@@ -427,21 +401,9 @@ class Trainer:
         self.n_parameters = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
 
     # ---------------------------------------------------------------------------------------
-    @property
-    def log_path(self) -> Path:
-        return self.run.out_dir / "log.txt"
-
-    def position_fields(self, done: int) -> Dict[str, int]:
-        """The checkpoint's ``epoch`` / ``step_in_epoch`` (/ ``iteration``) after ``done`` steps."""
-        spe = self.steps_per_epoch
-        if not self.cfg.by_epoch:  # iteration-based: completed passes over the data, and the iteration
-            return {"epoch": done // spe, "step_in_epoch": 0, "iteration": done}
-        epoch, it = divmod(done, spe)
-        return {"epoch": epoch - 1, "step_in_epoch": 0} if it == 0 else {"epoch": epoch, "step_in_epoch": it}
-
     def state(self, done: int, **extra: Any) -> Dict[str, Any]:
         """The checkpoint after ``done`` steps (built on rank 0 only)."""
-        job, pos = self.job, self.position_fields(done)
+        job, pos = self.job, self.schedule.position(done)
         more = job.extra_state()
         model_cfg = more.pop("model_cfg", None)
         if "iteration" in pos:
@@ -454,21 +416,11 @@ class Trainer:
         """Write this step's checkpoints and ``log.txt`` records (rank 0; every rank waits, a failure
         reaches every rank). ``checkpoint-last.pth`` goes first and names what follows."""
         if files:
-            self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)  # never save a NaN's weights
-        out = self.run.out_dir
+            self.nonfinite.check(self.schedule.where_step)  # never save a NaN's weights
 
         def write() -> None:
-            others = [f for f in files if f != ckpt_util.LAST]
-            if files:
-                state = self.state(done, **({"partial": partial} if partial else {}))
-                ckpt_util.save_atomic({**state, "commit": {"files": others, "log": list(records)}}, out / ckpt_util.LAST)
-                _fail_point(ckpt_util.LAST)
-                for name in others:
-                    ckpt_util.save_atomic(state, out / name)
-                    _fail_point(name)
-            for record in records:
-                append_jsonl(record, self.log_path)
-                _fail_point("log.txt")
+            state = self.state(done, **({"partial": partial} if partial else {})) if files else None
+            self.commits.write(state, files, records)
             self.run.tb.flush()
 
         self.run.on_main(write)
@@ -482,7 +434,7 @@ class Trainer:
         path = ckpt_util.resume_source(run.out_dir, cfg.resume, cfg.auto_resume, run.is_main)
         if path is None:
             start = cfg.start_epoch * self.steps_per_epoch
-            run.on_main(lambda: self._tidy_log(start))
+            run.on_main(lambda: self.commits.tidy(start))
             return start
         ckpt = ckpt_util.read_checkpoint(path, check=bool(cfg.resume))  # find_resume verified its choice
         if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -494,83 +446,21 @@ class Trainer:
             _log.warning("%s is in another layout (converted on load): its optimizer state is not carried over; "
                          "the optimizer starts afresh at the stored position", path)
         job.load_extra_state(ckpt)
+        start = self.schedule.start_of(ckpt, cfg.batch_size, run.info.world_size, cfg.accum_iter)
         partial = ckpt.get("partial") or {}
-        if not cfg.by_epoch:
-            start = int(ckpt.get("iteration", 0))
-            self.window.load(partial.get("window"))
-            _log.info("resumed from %s: continuing at iteration %d", path, start)
-        else:
-            epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
-            if step:
-                saved = ckpt.get("args") or {}
-                world = run.info.world_size
-                old = int(saved.get("batch_size", cfg.batch_size)) * int(saved.get("world_size", world))
-                new = cfg.batch_size * world
-                if old != new:
-                    rescaled = rescale_step(step, old, new, cfg.accum_iter)
-                    _log.warning("the checkpoint was written with a total batch of %d, this run has %d: continuing at "
-                                 "iteration %d instead of %d (the same samples done)", old, new, rescaled, step)
-                    step = rescaled
-                start = epoch * self.steps_per_epoch + step
-                self.epoch_sums.load(partial.get("epoch"))
-                self.window.load(partial.get("window"))
-                self._load_lr_sum(partial.get("lr"), epoch * self.steps_per_epoch, start)
-            else:
-                start = (epoch + 1) * self.steps_per_epoch
-            _log.info("resumed from %s: continuing at epoch %d%s", path, start // self.steps_per_epoch,
-                      f", iteration {step}" if step else "")
+        self.window.load(partial.get("window"))
+        if self.schedule.keeps_epoch_means and int(ckpt.get("step_in_epoch", 0)):  # the epoch's running sums
+            self.epoch_sums.load(partial.get("epoch"))
+            self._load_lr_sum(partial.get("lr"), int(ckpt["epoch"]) * self.steps_per_epoch, start)
+        _log.info("resumed from %s: continuing at %s", path, self.schedule.where(start))
         same_folder = Path(path).resolve() == (run.out_dir / ckpt_util.LAST).resolve()
-        run.on_main(lambda: self._complete(ckpt if same_folder else {}, start))
+        run.on_main(lambda: self.commits.complete(ckpt if same_folder else {}, start))
         return start
-
-    def _tidy_log(self, start: int) -> None:
-        """Drop ``log.txt`` records past step ``start``: a rerun from there writes them again."""
-        if not self.log_path.exists():
-            return
-        lines = self.log_path.read_text().splitlines(keepends=True)
-        keep = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a partial last line of a killed run
-                continue
-            if record_step(rec, self.steps_per_epoch) <= start:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        if len(keep) != len(lines):
-            _log.info("log.txt: %d line(s) past the resume point dropped; this run writes them again",
-                      len(lines) - len(keep))
-            write_text(self.log_path, "".join(keep))
-
-    def _complete(self, ckpt: Dict[str, Any], start: int) -> None:
-        """Finish the commit that wrote ``ckpt`` (rank 0): the checkpoints it names that are missing or
-        older, and its ``log.txt`` records that are missing."""
-        self._tidy_log(start)
-        commit = ckpt.get("commit") or {}
-        out = self.run.out_dir
-        state = {k: v for k, v in ckpt.items() if k != "commit"}
-        for name in commit.get("files", []):
-            target = out / name
-            try:
-                present = ckpt_util.position(ckpt_util.read_checkpoint(str(target), mmap=True)) == ckpt_util.position(ckpt)
-            except UserError:
-                present = False
-            if not present:
-                _log.info("writing %s, which the interrupted run had not written yet", target)
-                ckpt_util.save_atomic(state, target)
-        records = commit.get("log", [])
-        if records:
-            have = set()
-            if self.log_path.exists():
-                have = {_record_key(json.loads(x)) for x in self.log_path.read_text().splitlines() if x.strip()}
-            for record in records:
-                if _record_key(record) not in have:
-                    _log.info("log.txt: appending the line the interrupted run had not written yet")
-                    append_jsonl(record, self.log_path)
 
     # ---------------------------------------------------------------------------------------
     def _log_step(self, done: int) -> None:
         job, run = self.job, self.run
-        self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)
+        self.nonfinite.check(self.schedule.where_step)
         n_local = self.window.n
         values = self.window.mean()
         summary = job.summary(values)
@@ -585,16 +475,13 @@ class Trainer:
 
     def _preempt_mid(self, done: int) -> None:
         """Every rank: write checkpoint-last.pth at ``done`` (with the running sums), then stop."""
-        self.nonfinite.check(self.steps_per_epoch if self.cfg.by_epoch else None)
+        self.nonfinite.check(self.schedule.where_step)
         partial = {"window": self.window.state()}
-        if self.cfg.by_epoch:
+        if self.schedule.keeps_epoch_means:
             partial["epoch"] = self.epoch_sums.state()
             partial["lr"] = {"sum": self.lr_sum, "count": self.lr_count}
         self.commit(done, [], [ckpt_util.LAST], partial)
-        if self.cfg.by_epoch:
-            epoch, it = divmod(done, self.steps_per_epoch)
-            self.run.preempted(f"epoch {epoch}, iteration {it}")
-        self.run.preempted(f"iteration {done}")
+        self.run.preempted(self.schedule.where(done))
 
     def fit(self) -> Dict[str, Any]:
         """Train from the resume point to ``total_steps``; return ``job.result``."""
@@ -631,27 +518,17 @@ class Trainer:
             self.window.add(metrics)
             done = step + 1
             last = done == total
-            epoch_end = cfg.by_epoch and done % spe == 0
-
-            if cfg.by_epoch:
-                if (it + 1) % cfg.log_every == 0 or epoch_end:
-                    self._log_step(done)
-            elif done % cfg.log_every == 0 or last:
+            if self.schedule.log_due(done, last):
                 self._log_step(done)
-
-            if epoch_end:
+            if self.schedule.epoch_end(done):
                 self._end_epoch(epoch, last)
                 self._progress.skip()
                 model.train(True)
                 if not last and run.stop.sync():
                     run.preempted(f"the start of epoch {epoch + 1}")
                 continue
-            if not cfg.by_epoch:
-                self._step_hooks(done, last)
+            if self._step_hooks(done, last):
                 model.train(True)
-            elif self._pending:
-                self.commit(done, self._pending, [])
-                self._pending = []
             if update and not last and run.stop():  # SIGTERM / SIGUSR1: every rank agreed after this step
                 self._preempt_mid(done)
         self.run.tb.flush()
@@ -676,35 +553,28 @@ class Trainer:
         return mean
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
-        self.nonfinite.check(self.steps_per_epoch)
+        self.nonfinite.check(self.schedule.where_step)
         self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.epoch_mean_lr()}
         self.epoch_sums.reset()
         hook = self.job.on_epoch_end(self, epoch, self.last_train)
-        files = [ckpt_util.LAST]
-        if epoch % self.cfg.save_every == 0 or last:
-            files.append(ckpt_util.numbered(epoch))
-        files += hook.files
+        files = self.schedule.epoch_files(epoch, last) + hook.files
         records = self._pending + [{**r, "epoch": epoch, "n_parameters": self.n_parameters} for r in hook.records]
         self._pending = []
         self.commit((epoch + 1) * self.steps_per_epoch, records, files)
 
-    def _step_hooks(self, done: int, last: bool) -> None:
-        cfg = self.cfg
-        hook = Commit([], [])
-        if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-            self.nonfinite.check()
+    def _step_hooks(self, done: int, last: bool) -> bool:
+        """The commit after a step that ends no epoch: the job's evaluation when due, the checkpoints
+        due, the pending ``log.txt`` records. Returns whether the job evaluated."""
+        hook, evaluate = Commit([], []), self.schedule.evaluate_due(done, last)
+        if evaluate:
+            self.nonfinite.check(self.schedule.where_step)
             hook = self.job.on_step(self, done)
         records = self._pending + hook.records
         self._pending = []
-        files: List[str] = []
-        if done % cfg.save_every == 0 or last:
-            files = [ckpt_util.LAST, ckpt_util.numbered(done)]
-        elif cfg.save_last_every and done % cfg.save_last_every == 0:
-            files = [ckpt_util.LAST]
-        files += hook.files
+        files = self.schedule.step_files(done, last) + hook.files
         if records or files:
             self.commit(done, records, files)
-
+        return evaluate
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,19 +600,3 @@ def evaluate_checkpoint(model: nn.Module, path: Optional[str], evaluate: Callabl
     elif untrained:
         _log.warning("%s", untrained)
     return evaluate(ckpt)
-
-def _fail_point(name: str) -> None:
-    """Testing crash consistency: ``DEEPMIM_KILL_AFTER=<file>:<n>`` kills this process (SIGKILL, as
-    ``kill -9``) right after it writes ``<file>`` (a checkpoint name or ``log.txt``) the n-th time."""
-    spec = os.environ.get("DEEPMIM_KILL_AFTER")
-    if not spec:
-        return
-    target, _, count = spec.rpartition(":")
-    if target != name:
-        return
-    _FAIL_COUNTS[name] = _FAIL_COUNTS.get(name, 0) + 1
-    if _FAIL_COUNTS[name] == int(count):
-        os.kill(os.getpid(), 9)
-
-
-_FAIL_COUNTS: Dict[str, int] = {}
