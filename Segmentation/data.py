@@ -18,18 +18,16 @@ back, because mmseg scores every image at its original resolution.
 """
 import logging
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from util.data.datasets import SeededDataset, cache_root
-from util.data.loader import build_loader
+from util.data.datasets import cache_root
 from util.run.errors import UserError
-from util.run.seed import derive_seed
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 _log = logging.getLogger(__name__)
 
@@ -309,63 +307,3 @@ class ADE20K(Dataset):
         if self.transform is not None:
             return self.transform(img, label)
         return normalize(img), torch.from_numpy(label).long()
-
-
-class IterationSampler(Sampler):
-    """``(index, seed)`` pairs for iterations ``start_iter .. iters - 1`` of this rank.
-
-    The data are read in epochs, each a seeded permutation of the whole set (as a shuffled
-    ``DistributedSampler`` with ``drop_last``); iteration ``it`` takes the ``batch_size * world_size``
-    consecutive entries ``it`` of its epoch, and rank r the r-th ``batch_size`` of them. The seed of a
-    sample is a function of (seed, epoch, index), so a resumed run sees exactly the crops and colours
-    an uninterrupted run would have seen.
-    """
-
-    def __init__(self, length: int, batch_size: int, rank: int, world_size: int, seed: int, start_iter: int,
-                 iters: int) -> None:
-        self.length, self.batch_size, self.rank, self.world_size = length, batch_size, rank, world_size
-        self.seed, self.start_iter, self.iters = seed, start_iter, iters
-        self.per_epoch = length // (batch_size * world_size)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator()
-        g.manual_seed(derive_seed(self.seed, epoch))
-        return torch.randperm(self.length, generator=g)
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        perm, perm_epoch = None, -1
-        for it in range(self.start_iter, self.iters):
-            epoch, j = divmod(it, self.per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = self._permutation(epoch), epoch
-            first = (j * self.world_size + self.rank) * self.batch_size
-            for idx in perm[first:first + self.batch_size].tolist():
-                yield idx, derive_seed(self.seed, epoch, idx)
-
-    def __len__(self) -> int:
-        return max(self.iters - self.start_iter, 0) * self.batch_size
-
-
-class IterationData:
-    """The training data of iteration-based training, read by global step (``util.run.trainer.TrainData``):
-    the batches of iterations ``start_step .. iters - 1`` of this rank (:class:`IterationSampler`)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, iters: int,
-                 num_workers: int, pin_mem: bool) -> None:
-        if len(dataset) < batch_size * world_size:
-            raise UserError(f"The training set has {len(dataset)} images, fewer than one batch of {batch_size} x "
-                            f"{world_size} process(es). Lower --batch_size.")
-        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.iters, self.num_workers, self.pin_mem = seed, iters, num_workers, pin_mem
-        self.num_samples = len(dataset)
-        self.steps_per_epoch = max(1, len(dataset) // (batch_size * world_size))
-
-    def loader(self, start_step: int) -> DataLoader:
-        """The loader of iterations ``start_step .. iters - 1``."""
-        sampler = IterationSampler(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
-                                   start_step, self.iters)
-        return build_loader(SeededDataset(self.dataset), sampler=sampler, batch_size=self.batch_size,
-                            num_workers=self.num_workers, pin_memory=self.pin_mem, drop_last=True)
-
-    def batches(self, start_step: int) -> Iterator:
-        yield from self.loader(start_step)

@@ -47,7 +47,7 @@ from util.config.typed import (
     add_flags,
     flag,
 )
-from util.data.datasets import eval_loader
+from util.data.datasets import IterationData, eval_loader
 from util.run.amp import make_scaler
 from util.run.errors import run_cli
 from util.run.logs import fmt_seconds
@@ -312,7 +312,7 @@ def segment(run: Run, c: SegmentationConfig) -> Dict[str, Any]:
                       device=run.device, fused=optim.fused_adamw)
     scaler = make_scaler(run.device, run.amp_dtype)
     iters = train.iters
-    stream = data.IterationData(train_set, train.batch_size, run.info.rank, run.info.world_size, run.cfg.seed, iters,
+    stream = IterationData(train_set, train.batch_size, run.info.rank, run.info.world_size, run.cfg.seed, iters,
                                 train.num_workers, pin)
     job = SegmentationJob(run, model, optimizer, scaler, f, optim, iters, val_loader, test_cfg, names)
     trainer_cfg = TrainerConfig.of(train, total_steps=iters, steps_per_epoch=stream.steps_per_epoch, seed=run.cfg.seed,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from util.data.build import build_train_data, classification_data
-from util.data.datasets import FolderData, eval_transform, pretrain_transform
+from util.data.datasets import FolderData, IterationData, eval_transform, pretrain_transform
 from util.data.loader import build_loader
 from util.run.errors import Preempted
 from util.run.preempt import worker_init
@@ -99,7 +99,7 @@ def test_segmentation_with_loader_workers_stops_on_sigterm_and_resumes_exactly(s
         return seg_train.main(seg_train.get_args_parser().parse_args(
             [*SEGMENT, "--data_path", str(small_ade), "--output_dir", str(out)]))
 
-    full, stopped, ckpt = stop_and_resume(run, seg_data.IterationData, 2, tmp_path)
+    full, stopped, ckpt = stop_and_resume(run, IterationData, 2, tmp_path)
     assert ckpt["iteration"] == 3  # stopped after the step during whose loading the signal came
     assert_same_weights(weights(full / "checkpoint-last.pth"), weights(stopped / "checkpoint-last.pth"))
 
@@ -119,7 +119,7 @@ def test_every_training_and_evaluation_loader_installs_the_worker_init(tiny_fold
                                         0, 2, False, False)  # fine-tuning and linear probing
     pretrain = build_train_data(str(tiny_folder), pretrain_transform(16), 8, 0, 1, 0, 2, False)
     ade = seg_data.ADE20K(small_ade, seg_data.SPLITS["train"], 5)
-    segment = seg_data.IterationData(ade, 4, 0, 1, 0, 6, 2, False).loader(0)
+    segment = IterationData(ade, 4, 0, 1, 0, 6, 2, False).loader(0)
     for loader in (train.loader, val, pretrain.loader, segment):
         assert has_worker_init(loader) and loader.num_workers == 2
     # the builder keeps each loader's choices: epoch loaders keep their workers, segmentation's reads once

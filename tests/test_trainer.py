@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from util.data.datasets import FolderData
+from util.data.datasets import FolderData, IterationData
 from util.run.errors import Preempted, UserError
 
 import pytest
@@ -17,7 +17,6 @@ from conftest import NO_MONITORS, ROOT, assert_same_weights, read_log, run_finet
 import main_finetune
 import main_linprobe
 import main_pretrain
-from Segmentation import data as seg_data
 from Segmentation import train as seg_train
 
 TINY_PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
@@ -56,7 +55,7 @@ JOBS = {
     "pretrain": (main_pretrain, TINY_PRETRAIN, FolderData, 7),  # 5 steps per epoch: epoch 1, iteration 3
     "finetune": (main_finetune, TINY_FINETUNE, FolderData, 6),
     "linprobe": (main_linprobe, TINY_PROBE, FolderData, 8),
-    "segment": (seg_train, TINY_SEG, seg_data.IterationData, 4),
+    "segment": (seg_train, TINY_SEG, IterationData, 4),
 }
 
 

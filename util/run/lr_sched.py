@@ -1,7 +1,9 @@
 """Per-iteration learning-rate schedules: linear warm-up then half-cycle cosine to ``min_lr`` (MAE, in
-fractional epochs), and mmseg's poly schedule with linear warm-up (segmentation, in iterations)."""
+fractional epochs), mmseg's poly schedule with linear warm-up (segmentation, in iterations), and
+detectron2's linear warm-up then step decay (detection, in iterations)."""
+import bisect
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,6 +29,19 @@ def poly_lr_at(it: int, lr: float, iters: int, warmup_iters: int = 0, warmup_rat
     if it < warmup_iters:
         return regular * (1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio))
     return regular
+
+
+def multistep_lr_at(it: int, lr: float, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0,
+                    warmup_factor: float = 0.001) -> float:
+    """detectron2's ``WarmupParamScheduler(MultiStepParamScheduler, warmup_method='linear')``, by
+    iteration (``it`` = iterations done): ``lr * gamma ** k`` after the k-th milestone (the value
+    changes at the milestone itself), times ``warmup_factor * (1 - a) + a`` with ``a = it / warmup_iters``
+    during the warm-up (detectron2 multiplies the scheduled value, as mmcv does)."""
+    value = lr * gamma ** bisect.bisect_right(list(milestones), it)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        value *= warmup_factor * (1.0 - alpha) + alpha
+    return value
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
@@ -62,3 +77,10 @@ def poly_schedule(lr: float, iters: int, warmup_iters: int = 0, warmup_ratio: fl
                   min_lr: float = 0.0) -> Callable[[int], float]:
     """mmseg's schedule by global step (iterations done): :func:`poly_lr_at`."""
     return lambda step: poly_lr_at(step, lr, iters, warmup_iters, warmup_ratio, power, min_lr)
+
+
+def multistep_schedule(lr: float, milestones: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0,
+                       warmup_factor: float = 0.001) -> Callable[[int], float]:
+    """detectron2's schedule by global step (iterations done): :func:`multistep_lr_at`."""
+    steps = tuple(milestones)
+    return lambda step: multistep_lr_at(step, lr, steps, gamma, warmup_iters, warmup_factor)

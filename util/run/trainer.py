@@ -59,7 +59,7 @@ from torch import nn
 
 _log = logging.getLogger(__name__)
 
-Batch = Tuple[torch.Tensor, ...]
+Batch = Tuple[Any, ...]  # tensors, or nested lists / dicts of them (detection: images, targets)
 # loss_fn(model, batch) -> (loss to back-propagate, detached metrics [M] summed into the logs)
 LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -93,10 +93,22 @@ class NonFiniteTracker:
             )
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it moved to ``device`` (asynchronously): a batch of tensors, or
+    detection's (list of images, list of target dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def train_step(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: Sequence[torch.Tensor],
+    batch: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     device: torch.device,
@@ -110,7 +122,7 @@ def train_step(
 
     Without ``update`` the gradients accumulate, and DDP skips its all-reduce (``no_sync``).
     """
-    batch = tuple(t.to(device, non_blocking=True) for t in batch)
+    batch = to_device(batch, device)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if ddp and not update else contextlib.nullcontext():
         with autocast(device, amp_dtype):
