@@ -381,12 +381,12 @@ MODELS.register(_entry("base", 16, drop_path=0.1), "vitdet_mask_rcnn_vit_base_pa
 MODELS.register(_entry("large", 16, drop_path=0.4), "vitdet_mask_rcnn_vit_large_patch16")
 # a small detector for the CPU demo and the tests: ViT-Ti/4 (the demo's pre-training model) cut to 4
 # blocks at 64 px, window 4 with global blocks 2 and 4, narrow heads; anchors 8 x the stride as in
-# ViT-B (32 at stride 4)
+# ViT-B (32 at stride 4); every detection kept (a test's few iterations score below ViTDet's 0.05)
 MODELS.register(_entry("tiny", 4, depth=4, img_size=64, pretrain_img_size=32, window_size=4, global_blocks=(2, 4),
                        drop_path=0.0,
                        channels=32, box_fc=128, anchor_sizes=(8, 16, 32, 64, 128),
                        rpn_batch_size_per_image=64, box_batch_size_per_image=64, rpn_pre_nms_top_n=(500, 250),
-                       rpn_post_nms_top_n=(200, 100)), "vitdet_mask_rcnn_vit_tiny_patch4")
+                       rpn_post_nms_top_n=(200, 100), score_thresh=0.0), "vitdet_mask_rcnn_vit_tiny_patch4")
 
 
 def model_config(name: str, **overrides: Any) -> DetConfig:

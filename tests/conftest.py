@@ -132,6 +132,14 @@ def small_folder(digits_root, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def small_coco(tmp_path_factory):
+    """The synthetic COCO-layout set (Detection/make_synthetic.py), small: 6 training, 12 validation images."""
+    from Detection.make_synthetic import build
+
+    return build(tmp_path_factory.mktemp("coco") / "coco", sizes={"train": 6, "val": 12})
+
+
 def make_tiny_clip(seed: int = 0):
     """A random OpenAI-architecture CLIP (ViT image tower, 32 px, patch 4, width 64, output 32)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -205,6 +213,12 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], 
 # extraction to every epoch; tests whose contract is not the monitors turn them off (tests/test_monitor.py
 # covers them, including that they do not change what training computes)
 NO_MONITORS = ("--knn_every", "0", "--recon_every", "0")
+# the detection job at its smallest (tests/test_detection.py, tests/test_trainer.py): ViT-Ti/4 cut to 4
+# blocks at 64 px, 8 iterations of 2 images, evaluated at 4 and 8; --data_path: the small_coco fixture
+TINY_DET = ("--model", "vitdet_mask_rcnn_vit_tiny_patch4", "--device", "cpu", "--amp", "none", "--batch_size", "2",
+            "--num_workers", "0", "--iters", "8", "--warmup_iters", "2", "--lr", "1e-3", "--layer_decay", "1.0",
+            "--log_every", "2", "--eval_every", "4", "--save_every", "100", "--save_last_every", "100",
+            "--stop_check_every", "1")
 
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")

@@ -1,11 +1,11 @@
-"""One optimizer step of pre-training and of fine-tuning, in one process or under DDP.
+"""One optimizer step of pre-training, fine-tuning and detection, in one process or under DDP.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_step.py OUT   # each rank: half of the batch
     python tests/dist_step.py OUT                                     # one process: the whole batch
 
 Both use the repo's own pieces (``start_run``, the optimizer builders and the one trainer
 ``util.run.trainer.Trainer``, which wraps the model in DDP) on a fixed batch of 8 images with fixed masking noise. Rank 0
-writes the updated weights and the gradients the step used to ``OUT/{pretrain,finetune}-w{world}.pt``.
+writes the updated weights and the gradients the step used to ``OUT/{pretrain,finetune,detect}-w{world}.pt``.
 
 The gradients are compared too: AdamW's first step is ``lr * g / (|g| + eps)``, nearly blind to the
 scale of ``g`` (a sum instead of a mean over ranks would give the same weights), and it turns the
@@ -35,6 +35,8 @@ from timm.loss import LabelSmoothingCrossEntropy
 
 import models_deepmim
 import models_vit
+from Detection import models as det_models
+from Detection.train import LOSSES, detection_loss
 from engine_finetune import classification_loss
 from targets.base import compute_targets
 from targets.pixel import PixelTarget
@@ -55,6 +57,19 @@ def my_share(rank: int, world: int, micro: int, *tensors):
     n = BATCH // world
     mine = [t[rank * n:(rank + 1) * n] for t in tensors]
     return [tuple(t[i * n // micro:(i + 1) * n // micro] for t in mine) for i in range(micro)]
+
+
+def detection_sample(seed: int):
+    """A 64 x 64 image with two boxes and their masks, in the detection job's target format."""
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, 64, 64, generator=g) * 255).to(torch.uint8)
+    x0, y0 = torch.randint(2, 20, (2,), generator=g).tolist()
+    boxes = torch.tensor([[x0, y0, x0 + 24, y0 + 30], [36, 20, 60, 58]], dtype=torch.float32)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    for m, (a, b, c, d) in zip(masks, boxes.int().tolist()):
+        m[b:d, a:c] = 1
+        image[:, b:d, a:c] = torch.tensor([200, 40, 40], dtype=torch.uint8)[:, None, None]
+    return image, {"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks}
 
 
 class Batches:
@@ -124,6 +139,19 @@ def main(out: Path) -> None:
         opt = adamw(layer_decay_groups(vit, 0.05, 0.75), lr)
         results["finetune"] = step(run, lr, vit, opt, classification_loss(LabelSmoothingCrossEntropy(0.1)), ["loss"],
                                    my_share(rank, world, 1, imgs, labels))
+        # detection: the tiny Mask R-CNN through its job's loss, one image per forward (rank r: image r; one
+        # process: both, as two accumulation micro-batches). Its losses are means over the boxes sampled in a
+        # forward, and which proposals survive top-k and NMS can flip with the rounding of a batched forward,
+        # so each forward sees what it sees on its rank; every anchor (16,368 at strides 1-16) and proposal
+        # is sampled (no random subset, which would draw differently on each rank)
+        torch.manual_seed(0)
+        det = det_models.create_model("vitdet_mask_rcnn_vit_tiny_patch4", num_classes=3, rpn_batch_size_per_image=1 << 15,
+                                      box_batch_size_per_image=4096)
+        opt = adamw(layer_decay_groups(det, 0.1, 0.7), lr)
+        samples = [detection_sample(i) for i in range(2)]
+        mine = [samples[rank]] if world > 1 else samples
+        results["detect"] = step(run, lr, det, opt, detection_loss, list(LOSSES.values()),
+                                 [([image], [target]) for image, target in mine])
         if run.is_main:
             for name, weights in results.items():
                 torch.save(weights, out / f"{name}-w{world}.pt")

@@ -2,32 +2,33 @@
 training transform, COCOeval, pre-trained weights and the export to detectron2's ViTDet layout."""
 import json
 import math
+import signal
 import subprocess
 import sys
 
 from util.checkpoints import convert
 from util.checkpoints.pos_embed import resize_pos_embed
 from util.run.errors import UserError
+from util.run.lr_sched import multistep_schedule
 from util.run.optim import layer_decay_groups
 
 import det_eval_dist
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, clean_env
+from conftest import ROOT, TINY_DET, assert_same_weights, clean_env, read_log, weights
 from PIL import Image
 from pycocotools import mask as mask_util
 
 import models_vit
 from Detection import data, models
+from Detection import train as det_train
 from Detection.make_synthetic import CATEGORIES
 from Detection.make_synthetic import build as build_synthetic
 from evaluation import coco as evaluation
 from tools import convert_checkpoint
 
 TINY = "vitdet_mask_rcnn_vit_tiny_patch4"  # ViT-Ti/4, 4 blocks, 64 px, window 4, global blocks 2 and 4
-# pycocotools' C decoder under numpy 2 (its own code, harmless)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 # detectron2's ViTDet ViT-B (modeling/backbone/vit.py with configs/common/models/mask_rcnn_vitdet.py),
@@ -77,9 +78,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """The synthetic COCO-layout set, small: 6 training and 12 validation images."""
-    return build_synthetic(tmp_path_factory.mktemp("det") / "coco", sizes={"train": 6, "val": 12})
+def synthetic(small_coco):
+    return small_coco
 
 
 def tiny(**overrides) -> models.ViTDetMaskRCNN:
@@ -437,3 +437,125 @@ def test_two_processes_evaluate_like_one(synthetic, tmp_path):
     key = lambda r: (r["image_id"], r["score"], r["category_id"], r["bbox"])  # noqa: E731
     assert len(r1) > 0 and sorted(r1, key=key) == sorted(r2, key=key)
     assert (tmp_path / "metrics-w1.json").read_text() == (tmp_path / "metrics-w2.json").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# the training job (Detection/train.py): the one trainer, COCO evaluation, --eval, crash consistency
+
+
+def train_det(*args) -> dict:
+    return det_train.main(det_train.get_args_parser().parse_args([str(a) for a in args]))
+
+
+@pytest.fixture(scope="module")
+def det_run(synthetic, tmp_path_factory):
+    """The tiny detection job, uninterrupted: its output folder and what ``main`` returned."""
+    out = tmp_path_factory.mktemp("det_run")
+    return out, train_det(*TINY_DET, "--data_path", synthetic, "--output_dir", out)
+
+
+def test_training_logs_evaluates_and_keeps_the_best_checkpoint(det_run):
+    out, stats = det_run
+    log = read_log(out)
+    assert [(r["mode"], r["iteration"]) for r in log] == [("train", 2), ("train", 4), ("val", 4), ("train", 6),
+                                                          ("train", 8), ("val", 8)]
+    train_keys = {"lr", "loss", "loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "time"}
+    assert train_keys <= set(log[0]) and all(math.isfinite(log[0][k]) for k in train_keys)
+    assert log[0]["loss"] == pytest.approx(sum(log[0][f"loss_{k}"] for k in det_train.LOSSES.values()))
+    val = [r for r in log if r["mode"] == "val"]
+    assert val[-1]["bbox"]["AP"] == pytest.approx(stats["bbox"]["AP"]) and val[-1]["images"] == 12
+    assert val[-1]["best_box_ap"] == max(r["bbox"]["AP"] for r in val) == stats["best_box_ap"]
+    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-last.pth", "checkpoint-8.pth",
+                                                            "checkpoint-best.pth"}
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["iteration"] == 8 and ckpt["cat_ids"] == sorted(CATEGORIES)
+    assert ckpt["model_cfg"]["num_classes"] == 3 and ckpt["args"]["milestones"] == [7, 8]  # ViTDet's fractions of 8
+    # the results JSON is COCO's format, of the last evaluation
+    res = json.loads((out / evaluation.RESULTS_FILE).read_text())
+    assert res and {r["category_id"] for r in res} <= set(CATEGORIES)
+
+
+def test_eval_of_a_checkpoint_gives_its_training_numbers(det_run, synthetic, tmp_path, capsys):
+    out, stats = det_run
+    again = train_det(*TINY_DET, "--data_path", synthetic, "--eval", "--resume", out / "checkpoint-last.pth",
+                      "--output_dir", tmp_path)
+    for iou_type in ("bbox", "segm"):
+        assert again[iou_type] == stats[iou_type]  # COCOeval's numbers, to the last digit
+    assert f"box AP {stats['bbox']['AP']:.2f}" in capsys.readouterr().out
+    assert json.loads((tmp_path / evaluation.RESULTS_FILE).read_text()) == json.loads(
+        (out / evaluation.RESULTS_FILE).read_text())
+
+
+@pytest.mark.parametrize("kill_after", ["checkpoint-best.pth:1", "log.txt:3"])
+def test_a_kill_during_a_commit_loses_and_duplicates_nothing(kill_after, det_run, synthetic, tmp_path):
+    """kill -9 right after a file of the evaluation commit at iteration 4, then the same command: the
+    run ends as the uninterrupted one, every log line once."""
+    ref, _ = det_run
+    argv = [*TINY_DET, "--data_path", str(synthetic), "--output_dir", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(ROOT / "Detection" / "train.py"), *argv], cwd=ROOT,
+                          env=clean_env(tmp_path, DEEPMIM_KILL_AFTER=kill_after), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    train_det(*argv)  # the rerun
+    a, b = read_log(ref), read_log(tmp_path)
+    assert [(r["mode"], r["iteration"]) for r in a] == [(r["mode"], r["iteration"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key, value in ra.items():
+            if key != "time" and isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, ra, rb)
+        assert ra.get("bbox") == rb.get("bbox")
+    assert_same_weights(weights(ref / "checkpoint-last.pth"), weights(tmp_path / "checkpoint-last.pth"))
+    assert_same_weights(weights(ref / "checkpoint-best.pth"), weights(tmp_path / "checkpoint-best.pth"))
+
+
+def test_bad_flags_and_data_stop_before_anything_is_written(synthetic, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"--milestones 9 at or after --iters 8"):
+        train_det(*TINY_DET, "--data_path", synthetic, "--milestones", "4,9", "--output_dir", out)
+    with pytest.raises(UserError, match=r"Annotation file .*instances_train2017.json not found"):
+        train_det(*TINY_DET, "--data_path", tmp_path / "nowhere", "--output_dir", out)
+    with pytest.raises(UserError, match=r"image size 66 .* multiples of the patch size 4"):
+        train_det(*TINY_DET, "--data_path", synthetic, "--img_size", "66", "--output_dir", out)
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"--num_classes 5 but .*instances_val2017.json has 3 categories"):
+        train_det(*TINY_DET, "--data_path", synthetic, "--num_classes", "5", "--output_dir", out)
+
+
+def test_lr_schedule_is_vitdets_warmup_then_steps():
+    """detectron2's WarmupParamScheduler(MultiStepParamScheduler([1, 0.1, 0.01], [163889, 177546]), 250 /
+    184375, 0.001), written out: factor 0.001 at iteration 0, linear to 1 at 250, x0.1 at each milestone."""
+    at = multistep_schedule(1e-4, det_train.VITDET_MILESTONES, 0.1, 250, 0.001)
+    assert at(0) == pytest.approx(1e-7)
+    assert at(125) == pytest.approx(1e-4 * (0.001 * 0.5 + 0.5))
+    assert at(250) == at(163888) == pytest.approx(1e-4)
+    assert at(163889) == at(177545) == pytest.approx(1e-5)
+    assert at(177546) == at(184374) == pytest.approx(1e-6)
+    flags = det_train.get_args_parser().parse_args(["--iters", "90000"])
+    assert det_train.DetectionConfig.from_args(flags).det.lr_milestones(90000) == (80000, 86667)  # the same fractions
+
+
+def test_inference_writes_coco_results_and_pictures(det_run, synthetic, tmp_path):
+    from Detection import inference
+
+    out, _ = det_run
+    images = sorted((synthetic / "val2017").iterdir())[:3]
+    args = inference.get_args_parser().parse_args(["--checkpoint", str(out / "checkpoint-last.pth"), "--images",
+                                                   *map(str, images), "--output_dir", str(tmp_path / "vis"),
+                                                   "--score_thresh", "0.0", "--device", "cpu"])
+    results = inference.main(args)
+    # the same detections as the evaluation of the same weights on the same images
+    ckpt_results = json.loads((out / evaluation.RESULTS_FILE).read_text())
+    coco = data.load_coco(data.annotation_path(synthetic, "val"))
+    ids = {img["file_name"]: img["id"] for img in coco.dataset["images"]}
+    for i, path in enumerate(images):
+        mine = sorted((r["score"], r["bbox"]) for r in results if r["image_id"] == i)
+        theirs = sorted((r["score"], r["bbox"]) for r in ckpt_results if r["image_id"] == ids[path.name])
+        assert mine == theirs
+    listed = json.loads((tmp_path / "vis" / "images.json").read_text())
+    assert [x["file_name"] for x in listed] == list(map(str, images))
+    for path in images:
+        with Image.open(tmp_path / "vis" / f"{path.stem}.png") as pic:
+            assert pic.size == Image.open(path).size
+    save_tiny_encoder(tmp_path / "enc.pth")  # an encoder is not a detector
+    with pytest.raises(UserError, match="is not a checkpoint of Detection/train.py"):
+        inference.load_detector(str(tmp_path / "enc.pth"))

@@ -165,7 +165,7 @@ def test_one_step_on_two_processes_equals_one_process_on_the_whole_batch(tmp_pat
     ddp = popen(torchrun(ROOT / "tests" / "dist_step.py", tmp_path), clean_env(tmp_path))
     dist_step.main(tmp_path)  # one process, whole batch, here (while torchrun starts)
     check_ok(*finish([ddp]))
-    for name in ("pretrain", "finetune"):
+    for name in ("pretrain", "finetune", "detect"):
         one, two = torch.load(tmp_path / f"{name}-w1.pt"), torch.load(tmp_path / f"{name}-w2.pt")
         assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 100
         for k, g in one["grads"].items():  # averaged over ranks (and accumulation steps), not summed

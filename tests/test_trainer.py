@@ -12,11 +12,12 @@ from util.run.errors import Preempted, UserError
 
 import pytest
 import torch
-from conftest import NO_MONITORS, ROOT, assert_same_weights, read_log, run_finetune, weights
+from conftest import NO_MONITORS, ROOT, TINY_DET, assert_same_weights, read_log, run_finetune, weights
 
 import main_finetune
 import main_linprobe
 import main_pretrain
+from Detection import train as det_train
 from Segmentation import train as seg_train
 
 TINY_PRETRAIN = ["--model", "deepmim_vit_tiny_patch4", "--decoder_depth", "1", "--input_size", "16", "--device", "cpu",
@@ -56,16 +57,18 @@ JOBS = {
     "finetune": (main_finetune, TINY_FINETUNE, FolderData, 6),
     "linprobe": (main_linprobe, TINY_PROBE, FolderData, 8),
     "segment": (seg_train, TINY_SEG, IterationData, 4),
+    "detect": (det_train, list(TINY_DET), IterationData, 4),
 }
 
 
 @pytest.mark.parametrize("job", [  # finetune and segment in test-all; siblings: tests/test_loaders.py's SIGTERM
     *(pytest.param(j, marks=pytest.mark.slow) if j in ("finetune", "segment") else j for j in JOBS)])  # of both
 def test_every_job_stops_on_sigterm_mid_run_and_resumes_as_if_never_stopped(job, small_folder, tiny_checkpoint,
-                                                                             tmp_path, monkeypatch):
+                                                                             small_coco, tmp_path, monkeypatch):
     module, flags, data_cls, index = JOBS[job]
     extra = {"pretrain": ["--data_path", small_folder], "finetune": ["--data_path", small_folder],
-             "linprobe": ["--data_path", small_folder, "--finetune", tiny_checkpoint], "segment": []}[job]
+             "linprobe": ["--data_path", small_folder, "--finetune", tiny_checkpoint], "segment": [],
+             "detect": ["--data_path", small_coco]}[job]
 
     def run(out):
         return module.main(module.get_args_parser().parse_args([*map(str, flags + extra), "--output_dir", str(out)]))
@@ -77,7 +80,7 @@ def test_every_job_stops_on_sigterm_mid_run_and_resumes_as_if_never_stopped(job,
         with pytest.raises(Preempted, match="SIGTERM received: wrote .*checkpoint-last.pth at"):
             run(stopped)
     ckpt = torch.load(stopped / "checkpoint-last.pth", weights_only=True)
-    if job == "segment":
+    if job in ("segment", "detect"):
         assert ckpt["iteration"] == index + 1  # stopped after the step during whose loading the signal came
     else:
         assert (ckpt["epoch"], ckpt["step_in_epoch"]) == divmod(index + 1, 5)
@@ -90,6 +93,8 @@ def test_every_job_stops_on_sigterm_mid_run_and_resumes_as_if_never_stopped(job,
         for key in ra:
             if key != "time" and isinstance(ra[key], float):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (key, ra, rb)
+            elif isinstance(ra[key], dict):  # detection's COCO metrics (None where COCOeval has no ground truth)
+                assert rb[key] == ra[key], (key, ra, rb)
 
 
 def test_main_puts_back_the_signal_handlers_however_it_ends(small_folder, tmp_path):
