@@ -126,3 +126,15 @@ def test_benchmark_finetune_mode(mode_args):
     (r,) = benchmark.main(bargs, ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "4",
                                   "--device", "cpu"])
     assert set(r["sections_ms"]) == {"data", "forward", "backward", "optimizer"} and r["gflops_per_image"] > 0
+
+
+def test_benchmark_detection_mode():
+    from tools import benchmark
+
+    bargs = benchmark.get_args_parser().parse_args(["--mode", "detect", "--steps", "2", "--rounds", "1", "--warmup", "1"])
+    (r,) = benchmark.main(bargs, ["--model", "vitdet_mask_rcnn_vit_tiny_patch4", "--batch_size", "2", "--device", "cpu",
+                                  "--amp", "none"])
+    assert set(r["sections_ms"]) == {"data", "forward", "backward", "optimizer"}
+    assert r["gflops_per_image"] > 0 and r["batch_size"] == 2 and r["steps_timed"] == 2
+    target = benchmark.detection_target(64, seed=0)
+    assert target["masks"].shape == (8, 64, 64) and bool((target["boxes"][:, 2:] <= 64).all())

@@ -1,17 +1,23 @@
-"""Benchmark pre-training (or fine-tuning) steps: images/s, where the time goes, FLOPs, MFU, memory.
+"""Benchmark training steps (pre-training, fine-tuning, detection): images/s, where the time goes, FLOPs,
+MFU, memory.
 
-Everything after ``--`` is a ``main_pretrain.py`` (or, with ``--mode finetune``, ``main_finetune.py``)
-command line, so every model, target, ``--ds_layers``, ``--input_size``, ``--amp``, ``--compile`` and
-``--grad_checkpointing`` setting of the real scripts can be measured as the scripts build it::
+Everything after ``--`` is a ``main_pretrain.py`` command line (with ``--mode finetune``, a
+``main_finetune.py`` one; with ``--mode detect``, a ``Detection/train.py`` one), so every model, target,
+``--ds_layers``, ``--input_size``, ``--amp``, ``--compile`` and ``--grad_checkpointing`` setting of the
+real scripts can be measured as the scripts build it::
 
     python tools/benchmark.py --steps 20 -- --model deepmim_vit_base_patch16 --batch_size 64 --amp bf16
     # several settings in one process, alternating (ratios survive a noisy machine):
     python tools/benchmark.py --compare "--ds_layers 12" "" "--compile" -- --model deepmim_vit_tiny_patch4
+    # ViTDet's Mask R-CNN on ViT-B at 1024, one image per step (the recipe's per-GPU batch)
+    python tools/benchmark.py --mode detect --steps 4 --no_flops -- --batch_size 1 --amp bf16
 
 Each step is split into data (host-to-device copy of a fixed batch, or the real loader with
 ``--real_data``), teacher forward, encoder, decoders (with the loss), backward and optimizer; on
 GPUs the split is measured with CUDA events, on CPU with the wall clock. With ``--compile`` the
 student runs as one compiled graph, so encoder and decoders are reported together as ``student``.
+A detection step is one ``forward`` (backbone, RPN and RoI heads with their losses) on a fixed batch
+of ``--img_size`` images, each with 8 boxes and their masks.
 FLOPs per image come from ``torch.utils.flop_counter`` (teacher forward + student forward and
 backward); on GPUs the achieved TFLOP/s is compared with the device's dense bf16 peak (MFU).
 ``--random_clip`` builds a random CLIP ViT-B/16 image tower (OpenAI's shapes) so that the CLIP
@@ -42,6 +48,8 @@ import main_finetune
 import main_pretrain
 import models_deepmim
 import models_vit
+from Detection import models as det_models
+from Detection import train as det_train
 from targets.base import compute_targets
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts)
@@ -80,7 +88,7 @@ class Bench:
 
     def __init__(self, label: str, mode: str, argv: List[str], bench_args: argparse.Namespace) -> None:
         self.label = label
-        parser = (main_pretrain if mode == "pretrain" else main_finetune).get_args_parser()
+        parser = {"pretrain": main_pretrain, "finetune": main_finetune, "detect": det_train}[mode].get_args_parser()
         args = parser.parse_args(argv)
         self.device = resolve_device(args.device)
         self.amp = resolve_amp(args.amp, self.device)
@@ -97,6 +105,15 @@ class Bench:
             self.model = models_deepmim.DeepMIM(cfg).to(self.device)
             groups, betas, size = weight_decay_groups(self.model, 0.05), (0.9, 0.95), cfg.img_size
             self.mask_ratio = args.mask_ratio
+        elif mode == "detect":
+            if bench_args.real_data:
+                usage_error("--real_data times the loaders of pre-training and fine-tuning; --mode detect uses a "
+                            "fixed batch")
+            dflags = det_train.DetectionConfig.from_args(args).det
+            self.model = det_models.create_model(args.model, **dflags.model_overrides(80)).to(self.device)
+            groups, betas, size = layer_decay_groups(self.model, 0.1, args.layer_decay), (0.9, 0.999), \
+                self.model.cfg.img_size
+            self.det_targets = [detection_target(size, seed=i) for i in range(self.batch)]
         else:
             name = args.model or main_finetune.DEFAULT_MODEL
             size = args.input_size or models_vit.native_size(name)
@@ -125,9 +142,14 @@ class Bench:
         t.mark("start")
         host = next(self.loader)[0] if self.loader is not None else self.host_batch
         imgs = host.to(self.device, non_blocking=True)
+        if self.mode == "detect":
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in tgt.items()} for tgt in self.det_targets]
         t.mark("data")
         with autocast(self.device, self.amp):
-            if self.mode == "pretrain":
+            if self.mode == "detect":
+                loss = sum(self.student(list(imgs.clamp(0, 1)), targets).values())
+                t.mark("forward")
+            elif self.mode == "pretrain":
                 tgt = compute_targets(self.targets, imgs)
                 t.mark("teacher")
                 per_layer = [tgt[n] for n in self.layer_targets]
@@ -186,6 +208,18 @@ class Bench:
                 out["achieved_tflops"] = self.flops_per_image * ips / 1e12
                 out["mfu"] = out["achieved_tflops"] / peak_tflops if peak_tflops else None
         return out
+
+
+def detection_target(size: int, seed: int, n: int = 8) -> Dict[str, torch.Tensor]:
+    """``n`` boxes (16 to size / 2 pixels a side) with box-shaped masks in a ``size`` square image."""
+    g = torch.Generator().manual_seed(seed)
+    wh = torch.randint(16, max(17, size // 2), (n, 2), generator=g)
+    xy = (torch.rand(n, 2, generator=g) * (size - wh)).floor()
+    boxes = torch.cat([xy, xy + wh], dim=1).float()
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        m[y0:y1, x0:x1] = 1
+    return {"boxes": boxes, "labels": torch.randint(1, 81, (n,), generator=g), "masks": masks}
 
 
 def random_clip_file(cfg) -> str:
@@ -282,8 +316,9 @@ def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str,
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("tools/benchmark.py", "DeepMIM training-step benchmark",
-               epilog="Arguments after -- go to main_pretrain / main_finetune.")
-    p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain", help="which script's step to time")
+               epilog="Arguments after -- go to main_pretrain / main_finetune / Detection/train.py.")
+    p.add_argument("--mode", choices=["pretrain", "finetune", "detect"], default="pretrain",
+                   help="which script's step to time")
     p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="timed steps per setting")
     p.add_argument("--warmup", type=nonneg_int, default=3, metavar="N",
                    help="untimed steps per setting first (compilation happens here)")
