@@ -5,7 +5,8 @@
 #   2. runs the tests marked `cuda` (tests/test_cuda.py);
 #   3. benchmarks ViT-B/16 DeepMIM-CLIP (random CLIP tower) at batch 128, one process per row: the
 #      reference's settings (eager fp16, foreach AdamW), eager bf16 (the defaults), MAE's recipe,
-#      fine-tuning ViT-B, and bf16 + compile (last: the deadline may cut it);
+#      fine-tuning ViT-B, ViTDet's Mask R-CNN on ViT-B at 1024 (2 images), and bf16 + compile (last: the
+#      deadline may cut it);
 #   4. writes six small files into OUT_DIR: env.txt, tests.log, junit.xml, bench.log, bench.json, summary.json.
 #
 # On the GPU node, from the repo root:
@@ -101,11 +102,13 @@ fi
 # ---- 3. the benchmark rows: ViT-B/16 at 224, batch 128 (DeepMIM-CLIP with a random CLIP tower)
 PRETRAIN=(--model deepmim_vit_base_patch16 --batch_size 128)
 FINETUNE=(--model vit_base_patch16 --batch_size 128)
+DETECT=(--batch_size 2)  # ViTDet's Mask R-CNN on ViT-B at 1024 (the recipe: 1 image per GPU)
 ITERS=(--warmup 3 --steps 20 --rounds 2)
 REF_AMP=fp16
 if ((DRY)); then  # the same rows, tiny, on CPU (fp16 autocast needs CUDA: the reference row takes bf16)
     PRETRAIN=(--model deepmim_vit_tiny_patch4 --input_size 16 --batch_size 4 --decoder_depth 1 --device cpu)
     FINETUNE=(--model vit_tiny_patch4 --input_size 16 --batch_size 4 --device cpu)
+    DETECT=(--model vitdet_mask_rcnn_vit_tiny_patch4 --batch_size 2 --device cpu)
     ITERS=(--warmup 1 --steps 2 --rounds 1)
     REF_AMP=bf16
     T_COMPILE=400  # compiling on two CPU cores
@@ -114,7 +117,11 @@ fi
 row() {  # row NAME LIMIT_S MODE FLAGS...: one benchmark setting in its own process (its own peak memory)
     local name=$1 limit=$2 mode=$3 base extra=()
     shift 3
-    if [[ $mode == pretrain ]]; then base=("${PRETRAIN[@]}") extra=(--random_clip); else base=("${FINETUNE[@]}"); fi
+    case $mode in
+        pretrain) base=("${PRETRAIN[@]}") extra=(--random_clip) ;;
+        finetune) base=("${FINETUNE[@]}") ;;
+        detect) base=("${DETECT[@]}") ;;
+    esac
     part "bench_$name" "$limit" "$OUT/bench.log" "$PYTHON" tools/benchmark.py --mode "$mode" "${extra[@]}" \
         "${ITERS[@]}" --json "$WORK/bench_$name.json" -- "${base[@]}" "$@"
 }
@@ -123,6 +130,7 @@ if [[ " $PARTS " == *" bench "* ]]; then
     row default "$T_ROW" pretrain --amp bf16
     row mae "$T_ROW" pretrain --amp bf16 --ds_layers 12 --decoder_depth 8
     row finetune "$T_ROW" finetune --amp bf16
+    row detect "$T_ROW" detect --amp bf16
     row compile "$T_COMPILE" pretrain --amp bf16 --compile  # last: compiling takes the longest, the deadline cuts it
 fi
 
