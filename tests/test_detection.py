@@ -559,3 +559,23 @@ def test_inference_writes_coco_results_and_pictures(det_run, synthetic, tmp_path
     save_tiny_encoder(tmp_path / "enc.pth")  # an encoder is not a detector
     with pytest.raises(UserError, match="is not a checkpoint of Detection/train.py"):
         inference.load_detector(str(tmp_path / "enc.pth"))
+
+
+@pytest.mark.slow  # half a minute (two synthetic sets, three runs); sibling: test_eval_of_a_checkpoint_gives_its_training_numbers
+def test_demo_runs_both_detectors_and_its_checkpoints_evaluate_to_its_numbers(tmp_path, capsys):
+    """make det-demo's pipeline at its smallest: 1 pre-training epoch, 4 detection iterations each."""
+    from Detection import demo
+
+    out = tmp_path / "demo"
+    results = demo.main(demo.get_args_parser().parse_args(["--output_dir", str(out), "--pretrain_epochs", "1",
+                                                           "--iters", "4", "--num_workers", "0"]))
+    printed = capsys.readouterr().out
+    assert "det-demo, pre-trained backbone: box AP" in printed and "det-demo: pre-training adds" in printed
+    assert set(results) == {"pre-trained", "random"}
+    for name, folder in (("pre-trained", "pre_trained"), ("random", "random")):
+        argv = [*demo.fill(demo.DETECT, iters=4, data=demo.labelled_data()), "--eval", "--output_dir", str(out / folder)]
+        again = det_train.main(det_train.get_args_parser().parse_args(argv))
+        assert again["bbox"] == results[name]["bbox"] and again["segm"] == results[name]["segm"]
+    # the two detectors differ only in their start: the pre-trained one loaded the encoder
+    a, b = (torch.load(out / f / "checkpoint-last.pth", weights_only=True)["model"] for f in ("pre_trained", "random"))
+    assert not torch.equal(a["backbone.net.blocks.0.attn.qkv.weight"], b["backbone.net.blocks.0.attn.qkv.weight"])
