@@ -261,7 +261,8 @@ def print_table(results: List[Dict[str, Any]]) -> None:
     base = results[0]["images_per_s"]
     for r in results:
         fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-        rows.append([r["setting"] or "(base)", fmt(r["images_per_s"]), fmt(r["step_ms"])]
+        ips = r["images_per_s"]
+        rows.append([r["setting"] or "(base)", fmt(ips, 1 if ips >= 10 else 3), fmt(r["step_ms"])]
                     + [fmt(r["sections_ms"].get(s)) for s in sections]
                     + [fmt(r["gflops_per_image"]), fmt(r.get("achieved_tflops")),
                        "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", fmt(r.get("peak_memory_gb"), 2),
@@ -299,7 +300,7 @@ def main(bench_args: argparse.Namespace, base_argv: List[str]) -> List[Dict[str,
                 b.step()
             ms = statistics.median(sum(t.values()) for t in b.times)
             say(f"round {r + 1}/{bench_args.rounds}, {b.label or '(base)'}: {len(b.times)} step(s) timed, median "
-                f"{ms:.1f} ms/step ({b.batch / (ms / 1e3):.1f} img/s)")
+                f"{ms:.1f} ms/step ({b.batch / (ms / 1e3):.3g} img/s)")
     device = benches[0].device
     results = [b.summary(peak_for(device, bench_args.peak_tflops)) for b in benches]
     print_table(results)
