@@ -22,7 +22,7 @@ from util.checkpoints import reader as ckpt_util
 from util.config.cli import (
     OrderedPair,
     Parser,
-    add_run_args,
+    add_iteration_run_args,
     increasing,
     nonneg_int,
     positive_float,
@@ -32,7 +32,19 @@ from util.config.cli import (
     set_help,
     str2list,
 )
-from util.config.typed import DATA, MODEL, OPTIM, OUTPUT, SHARED_CONFIGS, WEIGHTS, ScriptConfig, WeightsConfig, add_flags, flag
+from util.config.typed import (
+    DATA,
+    MODEL,
+    OPTIM,
+    OUTPUT,
+    SHARED_CONFIGS,
+    WEIGHTS,
+    ScriptConfig,
+    WeightsConfig,
+    add_flags,
+    check_iteration_schedule,
+    flag,
+)
 from util.data.datasets import IterationData, eval_loader
 from util.run import dist as dist_util
 from util.run.amp import make_scaler
@@ -115,13 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(p, configs, ["finetune", "finetune_sha256", "eval", "eval_every"],
               help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
                                 "random initialisation)"})
-    add_run_args(p, by_epoch=False)
-    add_flags(p, configs, ["save_every", "save_last_every", "scale_range"], defaults={"save_every": 5000},
-              help={"save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)"})
+    add_iteration_run_args(p, configs, ["scale_range"], save_every=5000)
     p.set_defaults(data_path="data/coco", log_every=20, num_workers=4)
     set_help(p, data_path="COCO folder (annotations/instances_{train,val}2017.json, train2017/, val2017/), or "
-                          "'synthetic' for the built-in data",
-             log_every="iterations between log lines, log.txt lines and TensorBoard points")
+                          "'synthetic' for the built-in data")
     return p
 
 
@@ -149,10 +158,7 @@ class DetectionConfig(ScriptConfig):
         if f.milestones is not None and late:
             raise UserError(f"--milestones {','.join(map(str, late))} at or after --iters {train.iters}: give "
                             f"iterations below it.")
-        if f.warmup_iters > train.iters:
-            return [f"--warmup_iters {f.warmup_iters} exceeds --iters {train.iters}: the learning rate stays in its "
-                    f"linear warm-up"]
-        return []
+        return check_iteration_schedule(train, f.warmup_iters)
 
 
 def detection_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, torch.Tensor]:

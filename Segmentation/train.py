@@ -22,7 +22,7 @@ from util.checkpoints import reader as ckpt_util
 from util.config.cli import (
     OrderedPair,
     Parser,
-    add_run_args,
+    add_iteration_run_args,
     increasing,
     nonneg_float,
     nonneg_int,
@@ -45,6 +45,7 @@ from util.config.typed import (
     ScriptConfig,
     WeightsConfig,
     add_flags,
+    check_iteration_schedule,
     flag,
 )
 from util.data.datasets import IterationData, eval_loader
@@ -152,14 +153,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "crops_per_batch", "eval_every"],
               help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
                                 "random initialisation)"})
-    add_run_args(p, by_epoch=False)
-    add_flags(p, configs, ["save_every", "save_last_every", "crop_size", "img_scale", "ratio_range", "cat_max_ratio"],
-              defaults={"save_every": 16000},
-              help={"save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)"})
+    add_iteration_run_args(p, configs, ["crop_size", "img_scale", "ratio_range", "cat_max_ratio"], save_every=16000)
     p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
     set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
-                          "built-in data",
-             log_every="iterations between log lines, log.txt lines and TensorBoard points")
+                          "built-in data")
     return p
 
 
@@ -182,10 +179,7 @@ class SegmentationConfig(ScriptConfig):
         if train.data_path != data.SYNTHETIC:
             for split in ["val"] if f.eval else ["train", "val"]:
                 data.check_split(Path(train.data_path), data.SPLITS[split])
-        if not f.eval and f.warmup_iters > train.iters:
-            return [f"--warmup_iters {f.warmup_iters} exceeds --iters {train.iters}: the learning rate stays in "
-                    f"its linear warm-up"]
-        return []
+        return [] if f.eval else check_iteration_schedule(train, f.warmup_iters)
 
 
 def segmentation_loss(aux_weight: float):

@@ -152,6 +152,17 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> Dict
             "run": run["device, precision and seed"], "distributed": dist}
 
 
+
+def add_iteration_run_args(parser: argparse.ArgumentParser, configs, names, save_every: int) -> Dict[str, Group]:
+    """:func:`add_run_args` of an iteration-based script (segmentation, detection), then ``--save_every``
+    (in iterations, default ``save_every``), ``--save_last_every`` and the script's flags ``names`` of
+    ``configs`` in their groups; ``--log_every`` counts iterations."""
+    groups = add_run_args(parser, by_epoch=False)
+    add_flags(parser, configs, ["save_every", "save_last_every", *names], defaults={"save_every": save_every},
+              help={"save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)"})
+    set_help(parser, log_every="iterations between log lines, log.txt lines and TensorBoard points")
+    return groups
+
 def add_optim_args(parser: argparse.ArgumentParser, blr: float, weight_decay: float, warmup_epochs: float,
                    layer_decay: Optional[float] = None, min_lr: float = 0.0, adamw: bool = True) -> Group:
     """Learning-rate schedule and optimizer (lr = blr * effective batch / 256 unless --lr is set);

@@ -304,3 +304,12 @@ def check_schedule(train: TrainConfig, optim: OptimConfig) -> List[str]:
         return [f"--warmup_epochs {optim.warmup_epochs:g} exceeds --epochs {train.epochs}: the learning rate stays in "
                 f"its linear warm-up and ends at {train.epochs / optim.warmup_epochs:.0%} of its peak"]
     return []
+
+
+def check_iteration_schedule(train: TrainConfig, warmup_iters: int) -> List[str]:
+    """The schedule check of an iteration-based script: a warm-up longer than ``--iters`` is legal but
+    rarely meant (a warning for :func:`util.run.runner.start_run` to log)."""
+    if warmup_iters > train.iters:
+        return [f"--warmup_iters {warmup_iters} exceeds --iters {train.iters}: the learning rate stays in its "
+                f"linear warm-up"]
+    return []
