@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer_sam import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
@@ -159,6 +160,7 @@ class PlainViT(nn.Module):
             for i in range(cfg.depth))
         self.embed_dim = cfg.embed_dim
         self.patch_size = cfg.patch_size
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -185,8 +187,11 @@ class PlainViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, h, w, D]
         x = x + self.position((x.shape[1], x.shape[2]))
-        for blk in self.blocks:
-            x = blk(x)  # windowed blocks partition [B, h, w, D] into windows themselves
+        for blk in self.blocks:  # windowed blocks partition [B, h, w, D] into windows themselves
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recomputed in the backward pass
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return x.permute(0, 3, 1, 2)
 
 
@@ -347,6 +352,10 @@ class ViTDetMaskRCNN(MaskRCNN):
 
     def no_weight_decay(self) -> set:
         return {"backbone.net.pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``--grad_checkpointing``: recompute the ViT's blocks in the backward pass (less activation memory)."""
+        self.backbone.net.grad_checkpointing = enable
 
 
 def load_pretrained(model: ViTDetMaskRCNN, source: str, sha256: Optional[str] = None) -> Tuple[List[str], List[str]]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import gen_relative_position_index, resize_rel_pos_bias_table_simple
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import models_vit
 from Segmentation.data import IGNORE_INDEX
@@ -135,6 +136,7 @@ class ViTBackbone(nn.Module):
             self.register_buffer("relative_position_index",
                                  gen_relative_position_index(self.grid, class_token=True), persistent=False)
         self.rel_pos_bias = cfg.rel_pos_bias
+        self.grad_checkpointing = False
         self.necks = nn.ModuleList(pyramid_neck(self.embed_dim, patch, s) for s in STRIDES)
 
     def new_keys(self) -> List[str]:
@@ -164,10 +166,11 @@ class ViTBackbone(nn.Module):
         x = self.pos_drop(torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(1, 2)], dim=1) + pos)
         feats = []
         for i, blk in enumerate(self.blocks):
-            if self.rel_pos_bias:
-                x = blk(x, attn_mask=self.attention_bias(blk.attn.relative_position_bias_table, grid)[None])
+            mask = self.attention_bias(blk.attn.relative_position_bias_table, grid)[None] if self.rel_pos_bias else None
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recomputed in the backward pass
+                x = checkpoint(blk, x, attn_mask=mask, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, attn_mask=mask)
             if i + 1 in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(B, -1, *grid))  # raw block output, no norm
         return [neck(f) for neck, f in zip(self.necks, feats)]
@@ -251,6 +254,10 @@ class Segmentor(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``--grad_checkpointing``: recompute the ViT's blocks in the backward pass (less activation memory)."""
+        self.backbone.grad_checkpointing = enable
 
     def forward(self, img: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits of the decode head (stride 4) and, in training, of the auxiliary head (stride 16)."""

@@ -138,3 +138,46 @@ def test_benchmark_detection_mode():
     assert r["gflops_per_image"] > 0 and r["batch_size"] == 2 and r["steps_timed"] == 2
     target = benchmark.detection_target(64, seed=0)
     assert target["masks"].shape == (8, 64, 64) and bool((target["boxes"][:, 2:] <= 64).all())
+
+
+def _segmentor():
+    from Segmentation.models import SegConfig, Segmentor
+
+    cfg = SegConfig(model="vit_tiny_patch4", img_size=32, num_classes=5, out_indices=(1, 2, 3, 4), channels=16,
+                    aux_channels=8, drop_path=0.0)
+    imgs, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    return Segmentor(cfg).train(), lambda m: sum(torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(o, size=(32, 32), mode="bilinear"), labels) for o in m(imgs))
+
+
+def _detector():
+    from Detection.models import create_model
+    from Detection.train import detection_loss
+
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 10:50] = 1
+    batch = ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 8.0, 50.0, 40.0]]), "labels": torch.tensor([1]),
+                                       "masks": masks}])
+    return create_model("vitdet_mask_rcnn_vit_tiny_patch4", num_classes=3).train(), lambda m: detection_loss(m, batch)[0]
+
+
+@pytest.mark.parametrize("build", [_segmentor, _detector], ids=["segmentation", "detection"])
+def test_grad_checkpointing_of_the_downstream_models_changes_nothing_but_memory(build):
+    """--grad_checkpointing of Segmentation/train.py and Detection/train.py (the trainer's wrap turns it on)."""
+    from util.run.trainer import wrap
+
+    torch.manual_seed(0)
+    model, loss_of = build()
+    grads = []
+    for on in (False, True):
+        model.set_grad_checkpointing(False)
+        wrapped = wrap(model, torch.device("cpu"), distributed=False, grad_checkpointing=on)
+        vit = getattr(model.backbone, "net", model.backbone)
+        assert vit.grad_checkpointing is on
+        torch.manual_seed(1)  # the detector's box sampling draws the same subsets
+        loss_of(wrapped).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-6, rtol=1e-5), n
