@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from util.checkpoints import convert
 from util.checkpoints import reader as ckpt_util
@@ -41,18 +41,17 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 
 
-def load_detector(path: str) -> ViTDetMaskRCNN:
-    """The detector a checkpoint of ``Detection/train.py`` holds, in evaluation mode; its ``cat_ids``
-    and ``class_names`` attached."""
+def load_detector(path: str) -> Tuple[ViTDetMaskRCNN, List[int], List[str]]:
+    """The detector a checkpoint of ``Detection/train.py`` holds (in evaluation mode), the COCO category
+    ids of its labels 1..K and their names."""
     ckpt = ckpt_util.read_checkpoint(path, check=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_cfg"), dict) or "cat_ids" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of Detection/train.py (it has no model_cfg and cat_ids). "
                         f"Give a checkpoint-*.pth of a detection run.")
     model = ViTDetMaskRCNN(DetConfig.from_dict(ckpt["model_cfg"]))
     convert.load_model_state(model, convert.model_state_of(ckpt, path), path)
-    model.cat_ids = list(ckpt["cat_ids"])
-    model.class_names = list(ckpt.get("classes") or map(str, model.cat_ids))
-    return model.eval()
+    cat_ids = [int(c) for c in ckpt["cat_ids"]]
+    return model.eval(), cat_ids, list(ckpt.get("classes") or map(str, cat_ids))
 
 
 def gather_inputs(paths: List[str]) -> List[Path]:
@@ -88,7 +87,8 @@ def draw(image: torch.Tensor, output: Dict[str, torch.Tensor], names: List[str],
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     device = resolve_device(args.device)
     inputs = gather_inputs(args.images)  # before anything is read or written
-    model = load_detector(args.checkpoint).to(device)
+    model, cat_ids, names = load_detector(args.checkpoint)
+    model.to(device)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: List[Dict[str, Any]] = []
@@ -97,10 +97,10 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     for i, path in enumerate(inputs):
         img = torch.from_numpy(load_image(path)).permute(2, 0, 1).contiguous()
         output = {k: v.cpu() for k, v in model([img.to(device)])[0].items()}
-        found = [r for r in to_coco_results(output, i, model.cat_ids) if r["score"] >= args.score_thresh]
+        found = [r for r in to_coco_results(output, i, cat_ids) if r["score"] >= args.score_thresh]
         results += found
         images.append({"id": i, "file_name": str(path), "height": img.shape[1], "width": img.shape[2]})
-        picture = Image.fromarray(draw(img, output, model.class_names, args.score_thresh))
+        picture = Image.fromarray(draw(img, output, names, args.score_thresh))
         name = out / (f"{path.stem}.png" if stems.count(path.stem) == 1 else f"{path.stem}-{i}.png")  # unique
         write_atomic(name, lambda f, pic=picture: pic.save(f, format="PNG"))
         _log.info("%s: %d detections above %.2f -> %s", path, len(found), args.score_thresh, name)
