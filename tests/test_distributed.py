@@ -23,7 +23,7 @@ from util.run.schedule import rescale_step
 import dist_step
 import pytest
 import torch
-from conftest import NO_MONITORS, ROOT, assert_same_weights, clean_env, free_port, run_script, weights
+from conftest import NO_MONITORS, ROOT, TINY_DET, assert_same_weights, clean_env, free_port, read_log, run_script, weights
 from torch.utils.data import DistributedSampler
 from torchvision import datasets
 
@@ -432,3 +432,26 @@ def test_slurm_scripts_submit_the_reference_jobs_and_report_preemption(tmp_path)
     assert f"--nodes 1 --job-name deepmim-finetune {ROOT}/scripts/slurm_train.sbatch {ROOT}/main_finetune.py " \
            f"--model vit_base_patch16 --finetune pt.pth --batch_size 128 --epochs 100 --blr 1e-4 --layer_decay 0.6 " \
            f"--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval" in finetune
+
+
+def test_detection_trains_on_two_processes_and_its_sharded_evaluation_equals_one_process(small_coco, tmp_path):
+    """Detection/train.py under torchrun (gloo): both ranks evaluate their shard, rank 0 runs COCOeval and
+    every rank gets the numbers (a rank waiting for them would hang); one process's --eval of the same
+    checkpoint gives the same numbers."""
+    from Detection import train as det_train
+
+    out = tmp_path / "ddp"
+    proc = popen(torchrun(ROOT / "Detection" / "train.py", *TINY_DET, "--batch_size", "1", "--data_path", small_coco,
+                          "--output_dir", out), clean_env(tmp_path))
+    check_ok(*finish([proc]))
+    val = [r for r in read_log(out) if r["mode"] == "val"]
+    assert [(r["iteration"], r["images"]) for r in val] == [(4, 12), (8, 12)]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["args"]["world_size"] == 2
+    results = json.loads((out / "coco_instances_results.json").read_text())
+    val_ids = {img["id"] for img in json.loads((small_coco / "annotations" / "instances_val2017.json").read_text())["images"]}
+    assert {r["image_id"] for r in results} == val_ids  # every image predicted (the tiny model keeps every detection)
+    one = det_train.main(det_train.get_args_parser().parse_args(
+        [*TINY_DET, "--data_path", str(small_coco), "--eval", "--resume", str(out / "checkpoint-last.pth"),
+         "--output_dir", str(tmp_path / "one")]))
+    assert one["bbox"]["AP"] == pytest.approx(val[-1]["bbox"]["AP"], abs=1e-9)
+    assert one["segm"]["AP"] == pytest.approx(val[-1]["segm"]["AP"], abs=1e-9)
