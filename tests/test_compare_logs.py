@@ -81,6 +81,14 @@ def test_epochs_of_one_log_only_and_a_partial_last_line(tmp_path, capsys):
     assert "(5 keys over 5 shared epochs)" in out
 
 
+def test_a_rollback_line_is_named_and_not_an_epoch(tmp_path, capsys):
+    rollback = {"rollback": 1, "trigger": "non-finite loss", "step": 8, "skipped": [7, 9]}
+    rolled = write_log(tmp_path / "rolled.txt", records(2)[:1] + [rollback] + records(2)[1:])
+    ok, out = run([rolled, write_log(tmp_path / "plain.txt", records(2))], capsys)
+    assert ok and "(5 keys over 2 shared epochs)" in out
+    assert f"{rolled}: 1 rollback (--on_nonfinite rollback); its epochs trained without the steps 7-8" in out
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"epoch": 0, "test_acc1": 1}\nnot json\n{"epoch": 1, "test_acc1": 2}\n', r"a.txt:2 is not a JSON line"),
     ('{"test_acc1": 1}\n', r"a.txt:1 has no 'epoch' field"),

@@ -62,6 +62,8 @@ def read_log(path: str) -> Dict[int, Dict[str, float]]:
             if i == len(lines):
                 continue
             raise UserError(f"{path}:{i} is not a JSON line ({line[:60]!r}...): is this a log.txt of MAE's format?") from None
+        if isinstance(rec, dict) and "rollback" in rec:  # --on_nonfinite rollback's line (rollbacks_of)
+            continue
         if not isinstance(rec, dict) or "epoch" not in rec:
             raise UserError(f"{path}:{i} has no 'epoch' field: compare_logs reads MAE-format log.txt files "
                             f"(one JSON object per epoch).")
@@ -70,6 +72,19 @@ def read_log(path: str) -> Dict[int, Dict[str, float]]:
     if not epochs:
         raise UserError(f"{path} holds no epoch line.")
     return epochs
+
+
+def rollbacks_of(path: str) -> List[dict]:
+    """The rollback lines of a log.txt (``--on_nonfinite rollback``: each names the steps it skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "rollback" in rec:
+            out.append(rec)
+    return out
 
 
 def parse_tolerances(specs: Sequence[str]) -> Dict[str, Tolerance]:
@@ -199,6 +214,12 @@ def main(args: argparse.Namespace) -> bool:
         alone = sorted(set(log) - set(epochs))
         if alone:
             print(f"epochs {spans(alone)} only in {name}: not compared")
+    for name in (args.run, args.other):
+        done = rollbacks_of(name)
+        if done:
+            skipped = ", ".join(f"{r['skipped'][0]}-{r['skipped'][1] - 1}" for r in done if "skipped" in r)
+            print(f"{name}: {len(done)} rollback{'s' if len(done) != 1 else ''} (--on_nonfinite rollback); its epochs "
+                  f"trained without the steps {skipped}")
     lines, ok = compare(a, b, keys, tols, epochs)
     print("\n".join(lines))
     print(f"verdict: {'match' if ok else 'differ'} ({len(keys)} keys over {len(epochs)} shared epochs)")

@@ -49,6 +49,7 @@ FINETUNE = ["--data_path", "digits", "--model", "vit_tiny_patch4", "--input_size
 def knn_table(log_txt: Path) -> List[str]:
     """The k-NN accuracy before training and at every logged epoch, one line each: ``cls / avg`` per layer."""
     records = [json.loads(x) for x in log_txt.read_text().splitlines() if x.strip()] if log_txt.exists() else []
+    records = [r for r in records if "rollback" not in r]  # --on_nonfinite rollback's lines
     rows = [("init", {k[len("knn_init_"):]: v for k, v in r.items() if k.startswith("knn_init_")}) for r in records[:1]]
     rows += [(str(r["epoch"]), {k[len("knn_"):]: v for k, v in r.items() if k.startswith("knn_L")}) for r in records]
     rows = [(name, acc) for name, acc in rows if acc]

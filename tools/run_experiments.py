@@ -80,7 +80,9 @@ def flag(args: Sequence[str], name: str, value: str) -> List[str]:
 
 
 def log_lines(path: Path) -> List[Dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    """The epoch lines of a log.txt (a rollback's line, if any, left out)."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return [r for r in lines if "rollback" not in r]
 
 
 def run_dir(work: Path, config: str, seed: int) -> Path:

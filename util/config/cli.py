@@ -142,6 +142,8 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> Dict
     output = add_flags(parser, SHARED_CONFIGS, ["output_dir", "log_dir", "resume", "auto_resume", *epoch, "log_every",
                                         *(["save_every"] if by_epoch else [])])
     run = add_flags(parser, SHARED_CONFIGS, ["device", "amp", "seed", "compile", "grad_checkpointing", "stop_check_every"])
+    add_flags(parser, SHARED_CONFIGS, ["on_nonfinite", "max_rollbacks", "loss_spike", "loss_spike_window",
+                                       "fp32_after_rollback"])
     dist = group_of(parser, DISTRIBUTED)
     # MAE's flag, kept so that its command lines run: the launcher's environment is what counts
     dist.add_argument("--world_size", default=1, type=positive_int, metavar="N",

@@ -39,6 +39,7 @@ Group = argparse._ArgumentGroup
 # the --help groups of the shared flags
 TRAINING, MODEL, DATA, OUTPUT = "training", "model", "data", "output and checkpoints"
 RUN, DISTRIBUTED, OPTIM, WEIGHTS = "device, precision and seed", "distributed", "optimizer and schedule", "weights and evaluation"
+RECOVERY = "recovery from a non-finite loss or a loss spike"
 
 _FLAG = "flag"  # the dataclass field metadata key of a declaration
 
@@ -220,6 +221,20 @@ class LoopConfig(FlagConfig):
     auto_resume: bool = flag(True, "do not resume from the newest checkpoint found in --output_dir", group=OUTPUT,
                              action="store_false", names=("--no_auto_resume",))
     start_epoch: int = flag(0, "first epoch when not resuming", group=OUTPUT, type=nonneg_int, metavar="N")
+    on_nonfinite: str = flag(
+        "stop", "what a non-finite loss (or a --loss_spike) does: stop (the run ends with an error line) or rollback "
+                "(back to the newest checkpoint, skip the batches of the log window that diverged, go on; at most "
+                "--max_rollbacks times)", group=RECOVERY, choices=["stop", "rollback"])
+    max_rollbacks: int = flag(3, "rollbacks a run may make before it stops (--on_nonfinite rollback)", group=RECOVERY,
+                              type=nonneg_int, metavar="N")
+    loss_spike: Optional[float] = flag(
+        None, "treat a log window whose mean loss is above K times the median of the last --loss_spike_window windows "
+              "like a non-finite loss (default: off)", group=RECOVERY,
+        type=ranged(float, 1, lo_open=True, why="a multiple of the running median", name="spike_factor"), metavar="K")
+    loss_spike_window: int = flag(10, "log windows in the --loss_spike median", group=RECOVERY, type=positive_int,
+                                  metavar="N")
+    fp32_after_rollback: bool = flag(False, "after a rollback, train the rest of that epoch without mixed precision",
+                                     group=RECOVERY, action="store_true")
     compile: bool = flag(False, "torch.compile the model", group=RUN, action="store_true")
     grad_checkpointing: bool = flag(
         False, "recompute blocks in the backward pass: less activation memory, about 1/3 more compute", group=RUN,

@@ -23,7 +23,10 @@ _log = logging.getLogger(__name__)
 
 
 def record_step(record: Dict[str, Any], steps_per_epoch: int) -> int:
-    """The global step a ``log.txt`` record belongs to (``iteration``, or the end of its ``epoch``)."""
+    """The global step a ``log.txt`` record belongs to (``iteration``, or the end of its ``epoch``; a
+    rollback's: the step its skip ends at)."""
+    if "rollback" in record:
+        return int(record["skipped"][1])
     if "iteration" in record:
         return int(record["iteration"])
     if "epoch" in record:
@@ -32,7 +35,7 @@ def record_step(record: Dict[str, Any], steps_per_epoch: int) -> int:
 
 
 def _record_key(record: Dict[str, Any]) -> Tuple[Any, ...]:
-    return record.get("mode"), record.get("iteration"), record.get("epoch")
+    return record.get("mode"), record.get("iteration"), record.get("epoch"), record.get("rollback")
 
 
 class CommitLog:

@@ -211,6 +211,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """The minimum of a tensor over all processes (in place; a no-op in a single process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def control_group() -> Optional["dist.ProcessGroup"]:
     """The CPU (gloo) group for small control messages; ``None`` means the default group (already gloo)."""
     return _CONTROL

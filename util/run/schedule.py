@@ -85,6 +85,11 @@ class EpochSchedule:
         epoch, it = divmod(step, self.steps_per_epoch)
         return f"step {step} (epoch {epoch}, iteration {it})"
 
+    def window_start(self, step: int) -> int:
+        """The first step of the log window ``step`` is in (windows restart at every epoch)."""
+        epoch, it = divmod(step, self.steps_per_epoch)
+        return epoch * self.steps_per_epoch + it - it % self.log_every
+
     def left_in_epoch(self, done: int) -> Optional[int]:
         """Steps to the end of the epoch (the log line's epoch ETA)."""
         return (self.steps_per_epoch - done % self.steps_per_epoch) % self.steps_per_epoch
@@ -133,6 +138,9 @@ class IterationSchedule:
 
     def where_step(self, step: int) -> str:
         return f"iteration {step}"
+
+    def window_start(self, step: int) -> int:
+        return step - step % self.log_every
 
     def left_in_epoch(self, done: int) -> Optional[int]:
         return None  # the job's own log line says the ETA

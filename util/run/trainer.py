@@ -33,6 +33,7 @@ carries the epoch's running metric sums, so a resumed epoch logs the mean over t
 import contextlib
 import dataclasses
 import inspect
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from util.run.commit import CommitLog
 from util.run.errors import UserError
 from util.run.logs import fmt_seconds, peak_memory
 from util.run.lr_sched import applied_lr, set_lr
+from util.run.recovery import NONFINITE, Recovery, RecoveryConfig, RollbackNeeded, Trip, injected, scaled
 from util.run.runner import Run
 from util.run.schedule import EpochSchedule, IterationSchedule, Schedule
 from util.run.seed import derive_seed, seed_everything
@@ -71,26 +73,28 @@ LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, torch.Tensor]]
 class NonFiniteTracker:
     """Remembers, on the device, the first (step, metric) that was NaN or infinite."""
 
+    _NONE = 2**62  # no bad value seen (larger than any code)
+
     def __init__(self, labels: Sequence[str], device: torch.device) -> None:
         self.labels = list(labels)
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.first = torch.full((), self._NONE, dtype=torch.long, device=device)
 
     def update(self, metrics: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(metrics)
         code = step * len(self.labels) + torch.argmax(bad.to(torch.int32))
-        self.first = torch.where((self.first < 0) & bad.any(), code, self.first)
+        self.first = torch.where(bad.any(), torch.minimum(self.first, code), self.first)
 
-    def check(self, where: Callable[[int], str]) -> None:
-        """Raise (one host sync) if a non-finite value has been seen; ``where`` names the bad step
-        (``Schedule.where_step``)."""
-        first = int(self.first.item())
-        if first >= 0:
-            step, which = divmod(first, len(self.labels))
-            raise UserError(
-                f"Non-finite loss at {where(step)} in {self.labels[which]}. Training stopped; checkpoints already "
-                f"written are intact. Lower the learning rate (--blr / --lr), add --clip_grad, or try --amp bf16 / "
-                f"--amp none."
-            )
+    def first_bad(self) -> Optional[Tuple[int, str]]:
+        """(step, metric label) of the first non-finite value on any rank (the earliest step, then the
+        first metric), or None: a collective, one host sync."""
+        first = int(dist_util.all_reduce_min(self.first.clone()).item())
+        if first == self._NONE:
+            return None
+        step, which = divmod(first, len(self.labels))
+        return step, self.labels[which]
+
+    def reset(self) -> None:
+        self.first.fill_(self._NONE)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -404,6 +408,13 @@ class Trainer:
         self.epoch_sums = _Sums(k, run.device)
         self.window = _Sums(k, run.device)
         self.nonfinite = NonFiniteTracker(job.metric_labels(), run.device)
+        self.recovery = Recovery(RecoveryConfig(cfg.on_nonfinite, cfg.max_rollbacks, cfg.loss_spike,
+                                                cfg.loss_spike_window, cfg.fp32_after_rollback, cfg.steps_per_epoch,
+                                                cfg.accum_iter))
+        self._scale_loss = injected(run.info.rank)  # testing recovery (util/run/recovery.py)
+        # --on_nonfinite rollback before this run's first checkpoint: the state it started from (bytes)
+        self._start_state: Optional[bytes] = None
+        self._resumed_last = False  # resumed from this folder's checkpoint-last.pth
         self.last_train: Dict[str, float] = {}
         self.lr = job.optimizer.param_groups[0]["lr"]
         # the lr the optimizer held at each step of the epoch, as read back from it (log.txt's train_lr)
@@ -421,14 +432,14 @@ class Trainer:
         if "iteration" in pos:
             more = {"iteration": pos["iteration"], **more}
         return ckpt_util.training_state(job.model, job.optimizer, job.scaler, pos["epoch"], self.saved_args, model_cfg,
-                                        step_in_epoch=pos["step_in_epoch"], **more, **extra)
+                                        step_in_epoch=pos["step_in_epoch"], **more, **self.recovery.state(), **extra)
 
     def commit(self, done: int, records: Sequence[Dict[str, Any]], files: Sequence[str],
                partial: Optional[Dict[str, Any]] = None) -> None:
         """Write this step's checkpoints and ``log.txt`` records (rank 0; every rank waits, a failure
         reaches every rank). ``checkpoint-last.pth`` goes first and names what follows."""
         if files:
-            self.nonfinite.check(self.schedule.where_step)  # never save a NaN's weights
+            self._guard()  # never save a NaN's weights
 
         def write() -> None:
             state = self.state(done, **({"partial": partial} if partial else {})) if files else None
@@ -436,6 +447,8 @@ class Trainer:
             self.run.tb.flush()
 
         self.run.on_main(write)
+        if ckpt_util.LAST in files:
+            self._start_state = None  # a rollback now returns to checkpoint-last.pth
 
     # ---------------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -451,6 +464,17 @@ class Trainer:
         ckpt = ckpt_util.read_checkpoint(path, check=bool(cfg.resume))  # find_resume verified its choice
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"{path} is not a training checkpoint (no 'model' entry).")
+        start = self._load(ckpt, path)
+        self.recovery.load(ckpt)
+        _log.info("resumed from %s: continuing at %s", path, self.schedule.where(start))
+        same_folder = Path(path).resolve() == (run.out_dir / ckpt_util.LAST).resolve()
+        self._resumed_last = same_folder
+        run.on_main(lambda: self.commits.complete(ckpt if same_folder else {}, start))
+        return start
+
+    def _load(self, ckpt: Dict[str, Any], path: str) -> int:
+        """Put the training state of ``ckpt`` (read from ``path``) in place; return the step it continues at."""
+        cfg, job = self.cfg, self.job
         job.check_resume(ckpt, path)
         if convert.load_model_state(job.model, convert.model_state_of(ckpt, path), path):
             ckpt_util.load_optimizer_state(ckpt, path, job.optimizer, job.scaler)
@@ -458,22 +482,78 @@ class Trainer:
             _log.warning("%s is in another layout (converted on load): its optimizer state is not carried over; "
                          "the optimizer starts afresh at the stored position", path)
         job.load_extra_state(ckpt)
-        start = self.schedule.start_of(ckpt, cfg.batch_size, run.info.world_size, cfg.accum_iter)
+        start = self.schedule.start_of(ckpt, cfg.batch_size, self.run.info.world_size, cfg.accum_iter)
         partial = ckpt.get("partial") or {}
+        self.window.reset()
+        self.epoch_sums.reset()
+        self.lr_sum, self.lr_count = 0.0, 0
         self.window.load(partial.get("window"))
         if self.schedule.keeps_epoch_means and int(ckpt.get("step_in_epoch", 0)):  # the epoch's running sums
             self.epoch_sums.load(partial.get("epoch"))
             self._load_lr_sum(partial.get("lr"), int(ckpt["epoch"]) * self.steps_per_epoch, start)
-        _log.info("resumed from %s: continuing at %s", path, self.schedule.where(start))
-        same_folder = Path(path).resolve() == (run.out_dir / ckpt_util.LAST).resolve()
-        run.on_main(lambda: self.commits.complete(ckpt if same_folder else {}, start))
+        return start
+
+    def _partial(self) -> Dict[str, Any]:
+        """The running sums a checkpoint written within a log window / an epoch carries (a collective)."""
+        partial: Dict[str, Any] = {"window": self.window.state()}
+        if self.schedule.keeps_epoch_means:
+            partial["epoch"] = self.epoch_sums.state()
+            partial["lr"] = {"sum": self.lr_sum, "count": self.lr_count}
+        return partial
+
+    # ---------------------------------------------------------------------------------------
+    # recovery (util/run/recovery.py)
+
+    def _guard(self) -> None:
+        """Every rank, at the same points (log steps, commits): a non-finite value since the last
+        check stops the run or rolls it back (:meth:`Recovery.decide`)."""
+        bad = self.nonfinite.first_bad()
+        if bad is not None:
+            step, label = bad
+            self.recovery.decide(Trip(NONFINITE, step, label, self.schedule.window_start(step)),
+                                 self.schedule.where_step)
+
+    def _keep_start_state(self, start: int) -> None:
+        """``--on_nonfinite rollback``: the state a rollback before the first checkpoint returns to
+        (held in host memory until this run writes ``checkpoint-last.pth``)."""
+        if self.cfg.on_nonfinite != "rollback" or self._resumed_last:
+            return
+        partial = self._partial() if self.schedule.keeps_epoch_means and start % self.steps_per_epoch else None
+        buffer = io.BytesIO()
+        torch.save(self.state(start, **({"partial": partial} if partial else {})), buffer)
+        self._start_state = buffer.getvalue()
+
+    def _rollback(self, trip: Trip) -> int:
+        """Every rank: return to the newest good state, plan the skip, drop what was logged past
+        it; return the step to continue at."""
+        run = self.run
+        if self._start_state is not None:
+            ckpt = torch.load(io.BytesIO(self._start_state), map_location="cpu", weights_only=True)
+            source = "the state this run started from"
+        else:
+            path = ckpt_util.resume_source(run.out_dir, None, True, run.is_main)
+            if path is None:  # pragma: no cover - a commit wrote checkpoint-last.pth before _start_state was dropped
+                raise UserError(f"No checkpoint in {run.out_dir} to roll back to.")
+            ckpt = ckpt_util.read_checkpoint(path, check=True)
+            source = Path(path).name
+        start = self._load(ckpt, source)
+        self.recovery.restored(ckpt)
+        self.nonfinite.reset()
+        self.job.optimizer.zero_grad(set_to_none=True)
+        record = self.recovery.plan(trip, start, source, self.schedule.where_step)
+        run.tb.scalars({"train/rollback": record["rollback"]}, trip.step)
+        run.on_main(lambda: self.commits.tidy(start))  # the replay writes those lines again
+        self._progress = Progress(start, self._progress.images_per_step)
         return start
 
     # ---------------------------------------------------------------------------------------
     def _log_step(self, done: int) -> None:
         job, run = self.job, self.run
-        self.nonfinite.check(self.schedule.where_step)
+        self._guard()
         n_local = self.window.n
+        if not n_local and not self.window.carry_n:  # every step of the window skipped (a rollback)
+            self._progress.window(1)
+            return
         values = self.window.mean()
         summary = job.summary(values)
         sec, data = self._progress.window(n_local)
@@ -484,67 +564,84 @@ class Trainer:
         if record is not None:
             self._pending.append(record)
         self.window.reset()
+        trip = self.recovery.spike(summary["loss"], done, self.schedule.window_start(done - 1))
+        if trip is not None:
+            self.recovery.decide(trip, self.schedule.where_step)
 
     def _preempt_mid(self, done: int) -> None:
         """Every rank: write checkpoint-last.pth at ``done`` (with the running sums), then stop."""
-        self.nonfinite.check(self.schedule.where_step)
-        partial = {"window": self.window.state()}
-        if self.schedule.keeps_epoch_means:
-            partial["epoch"] = self.epoch_sums.state()
-            partial["lr"] = {"sum": self.lr_sum, "count": self.lr_count}
-        self.commit(done, [], [ckpt_util.LAST], partial)
+        self._guard()
+        self.commit(done, [], [ckpt_util.LAST], self._partial())
         self.run.preempted(self.schedule.where(done))
 
     def fit(self) -> Dict[str, Any]:
         """Train from the resume point to ``total_steps``; return ``job.result``."""
         cfg, job, run = self.cfg, self.job, self.run
-        spe, total = self.steps_per_epoch, self.total_steps
         start = self.resume()
         run.save_config(self.saved_args, **self.config_extra)
         model = wrap(job.model, run.device, run.info.distributed, cfg.grad_checkpointing, cfg.compile)
         self.train_model = model
         job.on_start(self, start)
+        self._keep_start_state(start)
+        self._progress = Progress(start, cfg.batch_size * run.info.world_size)
+        t0 = time.time()
+        while True:
+            try:
+                self._train(model, start)
+                break
+            except RollbackNeeded as e:  # every rank, at the same point
+                start = self._rollback(e.trip)
+        self.run.tb.flush()
+        return job.result(self, time.time() - t0)
+
+    def _train(self, model: nn.Module, start: int) -> None:
+        """Steps ``start`` to ``total_steps``: the loop of :meth:`fit`, which a rollback starts again."""
+        cfg, job, run = self.cfg, self.job, self.run
+        spe, total = self.steps_per_epoch, self.total_steps
         model.train(True)
         accum = max(1, cfg.accum_iter)
         rank = run.info.rank
         self._pending: List[Dict[str, Any]] = []
-        self._progress = Progress(start, cfg.batch_size * run.info.world_size)
-        t0 = time.time()
         job.optimizer.zero_grad(set_to_none=True)
         batches = self.data.batches(start)
-        for step in range(start, total):
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            self._progress.waited(time.perf_counter() - t_wait)
-            epoch, it = divmod(step, spe)
-            if it % accum == 0:
-                self.lr = set_lr(job.optimizer, job.lr(step))
-            self.lr_sum += applied_lr(job.optimizer)  # what this step applies, read back on the host
-            self.lr_count += 1
-            seed_everything(derive_seed(cfg.seed, step, rank))
-            update = (it + 1) % accum == 0 or it + 1 == spe
-            metrics = train_step(model, job.loss, batch, job.optimizer, job.scaler, run.device, run.amp_dtype,
-                                 accum=accum, update=update, clip_grad=cfg.clip_grad)
-            self.nonfinite.update(metrics, step)
-            self.epoch_sums.add(metrics)
-            self.window.add(metrics)
-            done = step + 1
-            last = done == total
-            if self.schedule.log_due(done, last):
-                self._log_step(done)
-            if self.schedule.epoch_end(done):
-                self._end_epoch(epoch, last)
-                self._progress.skip()
-                model.train(True)
-                if not last and run.stop.sync():
-                    run.preempted(f"the start of epoch {epoch + 1}")
-                continue
-            if self._step_hooks(done, last):
-                model.train(True)
-            if update and not last and run.stop():  # SIGTERM / SIGUSR1: every rank agreed after this step
-                self._preempt_mid(done)
-        self.run.tb.flush()
-        return job.result(self, time.time() - t0)
+        try:
+            for step in range(start, total):
+                t_wait = time.perf_counter()
+                batch = next(batches)
+                self._progress.waited(time.perf_counter() - t_wait)
+                epoch, it = divmod(step, spe)
+                update = (it + 1) % accum == 0 or it + 1 == spe
+                if not self.recovery.skipped(step):
+                    if it % accum == 0:
+                        self.lr = set_lr(job.optimizer, job.lr(step))
+                    self.lr_sum += applied_lr(job.optimizer)  # what this step applies, read back on the host
+                    self.lr_count += 1
+                    seed_everything(derive_seed(cfg.seed, step, rank))
+                    loss_fn = scaled(job.loss, self._scale_loss[step]) if step in self._scale_loss else job.loss
+                    amp_dtype = None if self.recovery.full_precision(step) else run.amp_dtype
+                    metrics = train_step(model, loss_fn, batch, job.optimizer, job.scaler, run.device, amp_dtype,
+                                         accum=accum, update=update, clip_grad=cfg.clip_grad)
+                    self.nonfinite.update(metrics, step)
+                    self.epoch_sums.add(metrics)
+                    self.window.add(metrics)
+                done = step + 1
+                last = done == total
+                self._pending += self.recovery.ending_at(done)
+                if self.schedule.log_due(done, last):
+                    self._log_step(done)
+                if self.schedule.epoch_end(done):
+                    self._end_epoch(epoch, last)
+                    self._progress.skip()
+                    model.train(True)
+                    if not last and run.stop.sync():
+                        run.preempted(f"the start of epoch {epoch + 1}")
+                    continue
+                if self._step_hooks(done, last):
+                    model.train(True)
+                if update and not last and run.stop():  # SIGTERM / SIGUSR1: every rank agreed after this step
+                    self._preempt_mid(done)
+        finally:
+            batches.close()  # its loader workers go now, not when the traceback does
 
     def _load_lr_sum(self, carried: Optional[Dict[str, Any]], first: int, start: int) -> None:
         """The lr sum of a resumed epoch's steps before ``start``: as the checkpoint recorded it, or
@@ -565,7 +662,7 @@ class Trainer:
         return mean
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
-        self.nonfinite.check(self.schedule.where_step)
+        self._guard()
         self.last_train = {**self.job.summary(self.epoch_sums.mean()), "lr": self.epoch_mean_lr()}
         self.epoch_sums.reset()
         hook = self.job.on_epoch_end(self, epoch, self.last_train)
@@ -579,7 +676,7 @@ class Trainer:
         due, the pending ``log.txt`` records. Returns whether the job evaluated."""
         hook, evaluate = Commit([], []), self.schedule.evaluate_due(done, last)
         if evaluate:
-            self.nonfinite.check(self.schedule.where_step)
+            self._guard()
             hook = self.job.on_step(self, done)
         records = self._pending + hook.records
         self._pending = []
