@@ -13,6 +13,7 @@ from util.run.trainer import Trainer
 import pytest
 import torch
 from conftest import assert_same_weights, clean_env, read_log, run_script, weights
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import PRETRAIN, check_ok, finish, popen, torchrun
 from test_trainer import TINY_PRETRAIN, TINY_SEG
 
@@ -49,6 +50,10 @@ CASES = {  # DEEPMIM_SCALE_LOSS, flags, the rollback's log.txt record, where it 
         "8:nan", [], {"trigger": NONFINITE, "step": 8, "where": "step 8 (epoch 1, iteration 3)", "what": "the loss of L6",
                       "restored": "checkpoint-last.pth", "restored_step": 5, "skipped": [7, 9]},
         [0, "rollback", 1]),
+    "nan, then the rest of the epoch in float32": (
+        "8:nan", ["--amp", "bf16", "--fp32_after_rollback"],
+        {"trigger": NONFINITE, "step": 8, "where": "step 8 (epoch 1, iteration 3)", "restored": "checkpoint-last.pth",
+         "restored_step": 5, "skipped": [7, 9], "fp32_until": 10}, [0, "rollback", 1]),
     "loss spike": (
         "8:1000", ["--loss_spike", 3, "--loss_spike_window", 2],
         {"trigger": SPIKE, "step": 8, "where": "step 8 (epoch 1, iteration 3)", "restored": "checkpoint-last.pth",
@@ -57,7 +62,8 @@ CASES = {  # DEEPMIM_SCALE_LOSS, flags, the rollback's log.txt record, where it 
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [  # float32 in test-all; siblings: the case before it, the decisions' full_precision
+    pytest.param(c, marks=pytest.mark.slow) if "float32" in c else c for c in CASES])
 def test_a_rollback_ends_with_the_weights_of_a_run_that_skipped_the_same_batches(case, small_folder, tmp_path,
                                                                                    monkeypatch):
     scale, flags, expected, order = CASES[case]
@@ -79,6 +85,9 @@ def test_a_rollback_ends_with_the_weights_of_a_run_that_skipped_the_same_batches
     assert line in (a / "train.log").read_text()
     ckpt = torch.load(a / "checkpoint-last.pth", weights_only=True)
     assert ckpt["rollbacks"] == [record]  # a resumed run skips and counts it
+    events = EventAccumulator(str(a), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/rollback")] == [(expected["step"], 1.0)]
 
     with monkeypatch.context() as m:
         skipping(m, record)
@@ -88,6 +97,13 @@ def test_a_rollback_ends_with_the_weights_of_a_run_that_skipped_the_same_batches
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
         assert all(torch.isfinite(t).all() for t in wa.values())
     assert read_log(b) == log  # the same epoch lines to the last digit, and the same rollback line
+    if "--fp32_after_rollback" in flags:  # step 9 ran without autocast: with it, epoch 1 ends elsewhere
+        with monkeypatch.context() as m:
+            skipping(m, {k: v for k, v in record.items() if k != "fp32_until"})
+            pretrain(small_folder, tmp_path / "bf16", *flags[:2])
+        for name, same in (("checkpoint-0.pth", True), ("checkpoint-1.pth", False)):
+            wa, wc = weights(a / name), weights(tmp_path / "bf16" / name)
+            assert all(torch.equal(wa[k], wc[k]) for k in wa) == same, name
 
 
 def test_the_stop_and_the_stop_after_the_last_rollback(small_folder, tmp_path, monkeypatch):
