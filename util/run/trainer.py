@@ -530,12 +530,10 @@ class Trainer:
         if self._start_state is not None:
             ckpt = torch.load(io.BytesIO(self._start_state), map_location="cpu", weights_only=True)
             source = "the state this run started from"
-        else:
-            path = ckpt_util.resume_source(run.out_dir, None, True, run.is_main)
-            if path is None:  # pragma: no cover - a commit wrote checkpoint-last.pth before _start_state was dropped
-                raise UserError(f"No checkpoint in {run.out_dir} to roll back to.")
-            ckpt = ckpt_util.read_checkpoint(path, check=True)
-            source = Path(path).name
+        else:  # this run's own checkpoint-last.pth (written after a passing check, atomically; verified here)
+            path = run.out_dir / ckpt_util.LAST
+            ckpt = ckpt_util.read_checkpoint(str(path), check=True)
+            source = path.name
         start = self._load(ckpt, source)
         self.recovery.restored(ckpt)
         self.nonfinite.reset()
