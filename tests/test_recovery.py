@@ -125,6 +125,17 @@ def test_the_stop_and_the_stop_after_the_last_rollback(small_folder, tmp_path, m
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_a_skip_may_take_a_whole_epoch_and_its_line_says_nothing_was_trained(small_folder, tmp_path, monkeypatch):
+    # one log window per epoch: a NaN at its last step skips all of epoch 1
+    monkeypatch.setenv("DEEPMIM_SCALE_LOSS", "9:nan")
+    pretrain(small_folder, tmp_path, "--on_nonfinite", "rollback", "--log_every", 5)
+    log = read_log(tmp_path)
+    assert log[1]["skipped"] == [5, 10] and log[2]["epoch"] == 1
+    assert math.isnan(log[2]["train_loss"]) and math.isnan(log[2]["train_lr"])  # no step trained, no mean
+    w0, w1 = weights(tmp_path / "checkpoint-0.pth"), weights(tmp_path / "checkpoint-1.pth")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_the_flags_refuse_a_spike_factor_that_trips_on_noise(small_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain(small_folder, tmp_path / "o", "--loss_spike", 1)

@@ -321,8 +321,9 @@ class _Sums:
         return total, self.n * dist_util.get_world_size() + self.carry_n
 
     def mean(self) -> List[float]:
+        """The mean metrics over every rank (NaN when every step was skipped: a rollback's skip)."""
         total, n = self.total()
-        return (total / max(1, n)).tolist()
+        return (total / n).tolist() if n else [float("nan")] * total.numel()
 
     def state(self) -> Dict[str, Any]:
         total, n = self.total()
@@ -655,7 +656,7 @@ class Trainer:
         """The mean over the epoch's iterations of the lr the optimizer held (MAE logs its meter's
         average of ``param_groups[...]["lr"]`` as ``train_lr``): read back from the optimizer at every
         step, so an lr applied wrongly shows in ``log.txt``. Resets the sum for the next epoch."""
-        mean = self.lr_sum / max(1, self.lr_count)
+        mean = self.lr_sum / self.lr_count if self.lr_count else float("nan")  # (nan: a rollback skipped every step)
         self.lr_sum, self.lr_count = 0.0, 0
         return mean
 
