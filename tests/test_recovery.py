@@ -8,6 +8,7 @@ import math
 
 from util.run.errors import UserError
 from util.run.recovery import NONFINITE, SPIKE, Recovery, RecoveryConfig, RollbackNeeded, Trip, injected
+from util.run.schedule import EpochSchedule, IterationSchedule
 from util.run.trainer import Trainer
 
 import pytest
@@ -62,8 +63,11 @@ CASES = {  # DEEPMIM_SCALE_LOSS, flags, the rollback's log.txt record, where it 
 }
 
 
-@pytest.mark.parametrize("case", [  # float32 in test-all; siblings: the case before it, the decisions' full_precision
-    pytest.param(c, marks=pytest.mark.slow) if "float32" in c else c for c in CASES])
+FAST = ("nan after a checkpoint",)  # the others in test-all; siblings: this case, the stop after the last rollback
+# (its first rollback is to the start state), the decisions below (the spike rule, fp32_until, full_precision)
+
+
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_a_rollback_ends_with_the_weights_of_a_run_that_skipped_the_same_batches(case, small_folder, tmp_path,
                                                                                    monkeypatch):
     scale, flags, expected, order = CASES[case]
@@ -125,6 +129,7 @@ def test_the_stop_and_the_stop_after_the_last_rollback(small_folder, tmp_path, m
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.slow  # sibling: test_the_skip_covers_whole_accumulation_groups_of_one_epoch_after_the_restored_step
 def test_a_skip_may_take_a_whole_epoch_and_its_line_says_nothing_was_trained(small_folder, tmp_path, monkeypatch):
     # one log window per epoch: a NaN at its last step skips all of epoch 1
     monkeypatch.setenv("DEEPMIM_SCALE_LOSS", "9:nan")
@@ -142,6 +147,7 @@ def test_the_flags_refuse_a_spike_factor_that_trips_on_noise(small_folder, tmp_p
     assert "--loss_spike 1: must be a number > 1 (a multiple of the running median)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # siblings: the pretraining rollback (the same trainer), the log windows of both schedules below
 def test_an_iteration_based_job_rolls_back_like_the_others(tmp_path, monkeypatch):
     # segmentation: 12 iterations, a log line (and a log.txt line) every 3, no checkpoint before the end
     def segment(out, *extra):
@@ -182,6 +188,13 @@ def test_the_skip_covers_whole_accumulation_groups_of_one_epoch_after_the_restor
     assert [s for s in range(20) if r.full_precision(s)] == list(range(8, 20))  # (the loop skips 14-17 first)
     assert [x["rollback"] for x in r.ending_at(10)] == [2] and r.ending_at(9) == []
     assert Recovery(RecoveryConfig()).state() == {} and r.state()["rollbacks"] == r.rollbacks
+
+
+def test_the_log_window_of_a_step_in_both_schedules():
+    epochs = EpochSchedule(steps_per_epoch=5, log_every=2)  # windows restart with every epoch: [5, 7), [7, 9), [9, 10)
+    assert [epochs.window_start(s) for s in range(5, 11)] == [5, 5, 7, 7, 9, 10]
+    iterations = IterationSchedule(steps_per_epoch=5, log_every=3)  # windows across passes over the data
+    assert [iterations.window_start(s) for s in range(5, 11)] == [3, 6, 6, 6, 9, 9]
 
 
 def test_the_spike_rule_compares_with_the_median_of_the_last_windows():
