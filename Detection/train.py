@@ -124,9 +124,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "clip_grad", "fused_adamw"],
               defaults={"lr": 1e-4, "weight_decay": 0.1, "layer_decay": 0.7},
               help={"lr": "AdamW learning rate for the total batch (ViTDet: 1e-4 at 64 images)"})
-    add_flags(p, configs, ["finetune", "finetune_sha256", "eval", "eval_every"],
-              help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
-                                "random initialisation)"})
     add_iteration_run_args(p, configs, ["scale_range"], save_every=5000)
     p.set_defaults(data_path="data/coco", log_every=20, num_workers=4)
     set_help(p, data_path="COCO folder (annotations/instances_{train,val}2017.json, train2017/, val2017/), or "

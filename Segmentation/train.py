@@ -149,11 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
               defaults={"lr": 5e-5, "weight_decay": 0.05, "layer_decay": 0.9},
               help={"lr": "AdamW learning rate for the total batch (DeepMIM's 5e-5; MAE's recipe: 1e-4 with "
                           "--layer_decay 0.65)", "min_lr": "lr at the last iteration"})
-    add_flags(p, configs, ["finetune", "finetune_sha256", "eval", "mode", "stride", "aug_test", "aug_ratios",
-                           "crops_per_batch", "eval_every"],
-              help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: none, "
-                                "random initialisation)"})
-    add_iteration_run_args(p, configs, ["crop_size", "img_scale", "ratio_range", "cat_max_ratio"], save_every=16000)
+    add_iteration_run_args(p, configs, ["crop_size", "img_scale", "ratio_range", "cat_max_ratio"], save_every=16000,
+                           evaluation=["mode", "stride", "aug_test", "aug_ratios", "crops_per_batch"])
     p.set_defaults(data_path="data/ade/ADEChallengeData2016", log_every=50, num_workers=4)
     set_help(p, data_path="ADEChallengeData2016 folder (images/ and annotations/ inside), or 'synthetic' for the "
                           "built-in data")

@@ -13,7 +13,7 @@
 """
 import argparse
 import re
-from typing import Any, Dict, NoReturn, Optional
+from typing import Any, Dict, NoReturn, Optional, Sequence
 
 from util.config.ranges import (
     OrderedPair,
@@ -155,10 +155,16 @@ def add_run_args(parser: argparse.ArgumentParser, by_epoch: bool = True) -> Dict
 
 
 
-def add_iteration_run_args(parser: argparse.ArgumentParser, configs, names, save_every: int) -> Dict[str, Group]:
-    """:func:`add_run_args` of an iteration-based script (segmentation, detection), then ``--save_every``
-    (in iterations, default ``save_every``), ``--save_last_every`` and the script's flags ``names`` of
+def add_iteration_run_args(parser: argparse.ArgumentParser, configs, names, save_every: int,
+                           evaluation: Sequence[str] = ()) -> Dict[str, Group]:
+    """The flags of an iteration-based script (segmentation, detection) after its model and optimizer
+    flags: the pre-trained encoder and evaluation (``--finetune``, ``--finetune_sha256``, ``--eval``, the
+    script's ``evaluation`` flags, ``--eval_every``), :func:`add_run_args`, ``--save_every`` (in
+    iterations, default ``save_every``), ``--save_last_every`` and the script's flags ``names`` of
     ``configs`` in their groups; ``--log_every`` counts iterations."""
+    add_flags(parser, configs, ["finetune", "finetune_sha256", "eval", *evaluation, "eval_every"],
+              help={"finetune": "pre-trained encoder: any checkpoint main_finetune.py --finetune accepts (default: "
+                                "none, random initialisation)"})
     groups = add_run_args(parser, by_epoch=False)
     add_flags(parser, configs, ["save_every", "save_last_every", *names], defaults={"save_every": save_every},
               help={"save_every": "iterations between numbered checkpoints (checkpoint-<iteration>.pth)"})
