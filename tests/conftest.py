@@ -31,6 +31,11 @@ LIBRARY_DIRS = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "
                 "HF_HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
 
 
+# what the run's folders hold at most at once (`make test-all` on 2 workers: 2.2 GB, sampled every 3 s; a
+# passing test's folder is removed when it ends, pyproject's tmp_path_retention_policy), with room to spare
+MIN_FREE_BYTES = 4 * 2**30
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own: tmp_path's factory exists
 def pytest_configure(config):
     """One torch thread in the test processes and in every process a test starts: the tensors are tiny,
@@ -48,6 +53,12 @@ def pytest_configure(config):
     if hasattr(config, "workerinput"):
         return
     libs = config._tmp_path_factory.mktemp("library_dirs")  # tmp_path's root, in the system temp directory as usual
+    free = shutil.disk_usage(libs).free
+    if free < MIN_FREE_BYTES:  # a full disk mid-run fails tests by the hundred, none of them saying why
+        raise pytest.UsageError(
+            f"{free / 2**30:.1f} GiB free where the tests write ({libs.parent}); the tests ask for "
+            f"{MIN_FREE_BYTES / 2**30:.0f} GiB (the full tier writes up to 2.2 GB at once). Free some space there, or point the tests elsewhere "
+            "with --basetemp DIR (or TMPDIR).")
     for name in LIBRARY_DIRS:  # before any test module imports a library
         os.environ[name] = str(libs / name.lower())
     config._run_temp = tempfile.mkdtemp(prefix="deepmim-tests-")
