@@ -57,8 +57,8 @@ def pytest_configure(config):
     if free < MIN_FREE_BYTES:  # a full disk mid-run fails tests by the hundred, none of them saying why
         raise pytest.UsageError(
             f"{free / 2**30:.1f} GiB free where the tests write ({libs.parent}); the tests ask for "
-            f"{MIN_FREE_BYTES / 2**30:.0f} GiB (the full tier writes up to 2.2 GB at once). Free some space there, or point the tests elsewhere "
-            "with --basetemp DIR (or TMPDIR).")
+            f"{MIN_FREE_BYTES / 2**30:.0f} GiB (the full tier writes up to 2.2 GB at once). Free some space there, "
+            "or point the tests elsewhere with --basetemp DIR (or TMPDIR).")
     for name in LIBRARY_DIRS:  # before any test module imports a library
         os.environ[name] = str(libs / name.lower())
     config._run_temp = tempfile.mkdtemp(prefix="deepmim-tests-")
