@@ -403,3 +403,29 @@ def test_segmentation_trains_and_evaluates_on_cuda(tmp_path):
     (val,) = [e for e in log if e["mode"] == "val"]
     assert val["images"] == 4 and 0.0 <= val["mIoU"] <= 100.0
     assert (out / "checkpoint-4.pth").is_file()
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_nvjpeg_batch_stage_on_cuda_matches_the_cpu(decoder):
+    """``--decode nvjpeg``'s batch stage with each decoder: the same boxes decoded by nvJPEG on the GPU and by
+    libjpeg-turbo on the CPU agree to within the reduced-decode tolerance (IDCT and chroma upsampling
+    differ slightly); the batch comes back on the GPU, normalized, in order."""
+    from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from util.data.decode import REDUCED_MEAN_TOLERANCE, PendingJPEG, decode_pending, mean_abs_diff
+
+    from test_decode import jpeg
+    from torchvision.transforms import InterpolationMode
+
+    if decoder == "torchcodec":
+        pytest.importorskip("torchcodec.decoders")
+    items = [PendingJPEG(torch.frombuffer(bytearray(jpeg(size, k).data), dtype=torch.uint8), box, flip)
+             for k, (size, box, flip) in enumerate([((500, 375), (10, 20, 300, 400), False),
+                                                    ((640, 480), (0, 0, 480, 640), True)])]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's decoders, deprecated since 0.29
+        cpu = decode_pending(items, (112, 112), InterpolationMode.BICUBIC, mean, std, torch.device("cpu"), decoder)
+        gpu = decode_pending(items, (112, 112), InterpolationMode.BICUBIC, mean, std, CUDA, decoder)
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape == (2, 3, 112, 112)
+    for k in range(2):
+        assert mean_abs_diff(cpu[k], gpu[k].cpu(), IMAGENET_STD)[0] <= REDUCED_MEAN_TOLERANCE

@@ -1,14 +1,17 @@
 """The fast decode path (util.decode): the same random draws as the reference, pixels within the
 measured tolerance, used only where it can be, and the exact reference kept (bit for bit on PNGs)."""
 import io
+import warnings
 
 from util.data.datasets import IMAGENET_STD, finetune_transform, image_folder, pretrain_transform, with_decode
 from util.data.decode import (
     EXACT_MEAN_TOLERANCE,
+    JPEG_DECODERS,
     REDUCED_MEAN_TOLERANCE,
     DecodeTransform,
     EncodedImage,
     PendingJPEG,
+    batch_jpeg_decoder,
     collate,
     decode_jpeg,
     decode_pending,
@@ -175,7 +178,7 @@ def test_finetune_transform_keeps_its_draws():
 
 
 def test_nvjpeg_stage_runs_on_the_cpu_too():
-    """The GPU path's batch stage (torchvision.io.decode_jpeg) run on the CPU: same boxes and flips,
+    """The GPU path's batch stage (batch_jpeg_decoder) run on the CPU: same boxes and flips,
     pixels within tolerance. On CUDA only the device differs (not tested here: no GPU)."""
     tf = pretrain_transform(112, "nvjpeg")
     encs = [jpeg((500, 375), 0), jpeg((640, 480), 1)]
@@ -197,6 +200,26 @@ def test_nvjpeg_stage_runs_on_the_cpu_too():
     mixed = decode_pending([refs[0], images[1]], (112, 112), transforms.InterpolationMode.BICUBIC,
                            tf.tail[1], tf.tail[2], torch.device("cpu"))
     assert torch.equal(mixed[0], refs[0]) and torch.allclose(mixed[1], out[1])
+
+
+def test_the_batch_decoders_agree_and_torchcodec_is_the_default():
+    """TorchCodec's decode_jpeg (the default where it imports) and torchvision's (the fallback, deprecated
+    since torchvision 0.29) give the same pixels; only the fallback warns."""
+    pytest.importorskip("torchcodec.decoders")
+    data = [torch.frombuffer(bytearray(jpeg(size, k).data), dtype=torch.uint8)
+            for k, size in enumerate([(500, 375), (64, 48)])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TorchCodec's path warns about nothing
+        default = batch_jpeg_decoder()(data, torch.device("cpu"))
+        codec = batch_jpeg_decoder("torchcodec")(data, torch.device("cpu"))
+    with pytest.warns(DeprecationWarning, match="TorchCodec"):
+        vision = batch_jpeg_decoder("torchvision")(data, torch.device("cpu"))
+    for d, c, v, size in zip(default, codec, vision, [(500, 375), (64, 48)]):
+        assert d.dtype == torch.uint8 and d.shape == (3, size[1], size[0])
+        assert torch.equal(d, c) and torch.equal(c, v)
+    with pytest.raises(ValueError, match="Unknown JPEG decoder 'pil': one of torchcodec, torchvision"):
+        batch_jpeg_decoder("pil")
+    assert JPEG_DECODERS == ("torchcodec", "torchvision")
 
 
 def test_nvjpeg_needs_cuda_and_the_pretraining_transform():

@@ -9,7 +9,8 @@ the ``decode`` setting picks how those bytes become the crop:
   transform runs unchanged: bit for bit what the transform does on an ImageFolder today.
 * ``auto`` (default): JPEGs take the fast path below; every other format (the PNG digits) takes the
   reference path, so its output stays bit-identical.
-* ``nvjpeg``: JPEGs are decoded on the GPU (``torchvision.io.decode_jpeg`` on a CUDA device), in the
+* ``nvjpeg``: JPEGs are decoded on the GPU (:func:`batch_jpeg_decoder`: TorchCodec's or torchvision's
+  ``decode_jpeg`` on a CUDA device), in the
   training process, one batch at a time (:func:`decode_pending`); the loader workers only read the
   bytes and draw the crop. Only for transforms that end with flip + ToTensor + Normalize
   (pre-training). Importing this module needs no GPU.
@@ -40,7 +41,7 @@ filter, a slightly different low-pass). Bounds: :data:`EXACT_MEAN_TOLERANCE`,
 """
 import io
 from collections import Counter
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from util.run.errors import UserError
 
@@ -289,21 +290,48 @@ class DecodeTransform:
         return decode_pending(images, self.out_hw, self.crop.interpolation, mean, std, device)
 
 
-def decode_pending(images: List[Any], out_hw: Sequence[int], interpolation: InterpolationMode,
-                 mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Decode, crop, resize, flip and normalize a batch of :class:`PendingJPEG` on ``device``: [B, 3, h, w].
+JPEG_DECODERS = ("torchcodec", "torchvision")
 
-    Items that are already tensors (images that were not JPEGs, decoded on the CPU) are moved as
-    they are. The JPEGs go to ``torchvision.io.decode_jpeg`` in one call, which batches them on
-    nvJPEG on a CUDA device (on the CPU it loops; the tests use that).
+
+def batch_jpeg_decoder(name: Optional[str] = None) -> Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]:
+    """The batch stage's JPEG decoder: ``decode(list of 1-D uint8 CPU tensors, device) -> list of [3, H, W]``
+    uint8 RGB, one nvJPEG call for the whole list on a CUDA device.
+
+    ``name`` None: TorchCodec's ``decode_jpeg`` (torchcodec >= 0.16, which supersedes torchvision's image
+    decoders, deprecated since torchvision 0.29) where it imports, else ``torchvision.io.decode_jpeg``
+    (torchcodec is optional: its builds follow torch's, 0.16 needs torch >= 2.11). Both decode with
+    libjpeg-turbo on the CPU and nvJPEG on CUDA; ``tests/test_decode.py`` checks that their pixels agree.
     """
+    if name in (None, "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg as tc_decode_jpeg
+        except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
+            if name is not None:
+                raise
+        else:
+            return lambda data, device: tc_decode_jpeg(list(data), mode="RGB", device=device)
+    if name not in (None, "torchvision"):
+        raise ValueError(f"Unknown JPEG decoder {name!r}: one of {', '.join(JPEG_DECODERS)}")
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as tv_decode_jpeg
 
+    return lambda data, device: tv_decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+
+
+def decode_pending(images: List[Any], out_hw: Sequence[int], interpolation: InterpolationMode,
+                 mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                 decoder: Optional[str] = None) -> torch.Tensor:
+    """Decode, crop, resize, flip and normalize a batch of :class:`PendingJPEG` on ``device``: [B, 3, h, w].
+
+    Items that are already tensors (images that were not JPEGs, decoded on the CPU) are moved as
+    they are. The JPEGs go to :func:`batch_jpeg_decoder` (``decoder``: its name, None for the
+    default) in one call, which batches them on nvJPEG on a CUDA device (on the CPU it loops; the
+    tests use that).
+    """
     pending = [k for k, im in enumerate(images) if isinstance(im, PendingJPEG)]
     out: List[Optional[torch.Tensor]] = [None if isinstance(im, PendingJPEG) else im.to(device) for im in images]
     if pending:
-        decoded = tv_decode_jpeg([images[k].data for k in pending], mode=ImageReadMode.RGB, device=device)
+        decoded = batch_jpeg_decoder(decoder)([images[k].data for k in pending], device)
         mean, std = mean.to(device), std.to(device)
         for k, pixels in zip(pending, decoded):
             (i, j, h, w), flip = images[k].box, images[k].flip
