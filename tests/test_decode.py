@@ -24,8 +24,8 @@ from util.run.errors import UserError
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 import torchvision
+from PIL import Image
 from torchvision import transforms
 
 
