@@ -16,7 +16,8 @@ import torch
 
 # the checkout this code runs from (util/run/provenance.py -> the repository root)
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "pillow")
+# (pillow, simplejpeg and torchcodec decode the images: their versions can move pixels)
+PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "pillow", "simplejpeg", "torchcodec")
 # variables that change what the numbers are, or how fast they come
 ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "CUDA_VISIBLE_DEVICES",
              "PYTORCH_CUDA_ALLOC_CONF", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")
