@@ -10,9 +10,8 @@ the ``decode`` setting picks how those bytes become the crop:
 * ``auto`` (default): JPEGs take the fast path below; every other format (the PNG digits) takes the
   reference path, so its output stays bit-identical.
 * ``nvjpeg``: JPEGs are decoded on the GPU (:func:`batch_jpeg_decoder`: TorchCodec's or torchvision's
-  ``decode_jpeg`` on a CUDA device), in the
-  training process, one batch at a time (:func:`decode_pending`); the loader workers only read the
-  bytes and draw the crop. Only for transforms that end with flip + ToTensor + Normalize
+  ``decode_jpeg`` on a CUDA device), in the training process, one batch at a time
+  (:func:`decode_pending`); the loader workers only read the bytes and draw the crop. Only for transforms that end with flip + ToTensor + Normalize
   (pre-training). Importing this module needs no GPU.
 
 The fast path keeps the augmentation's random draws and their order: the crop box is drawn by the
@@ -39,6 +38,7 @@ them on its JPEGs): without reduction, mean absolute difference 0.014 (worst ima
 filter, a slightly different low-pass). Bounds: :data:`EXACT_MEAN_TOLERANCE`,
 :data:`REDUCED_MEAN_TOLERANCE` per image.
 """
+import functools
 import io
 from collections import Counter
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -293,14 +293,15 @@ class DecodeTransform:
 JPEG_DECODERS = ("torchcodec", "torchvision")
 
 
+@functools.lru_cache(maxsize=None)  # looked up once per process, not once per batch
 def batch_jpeg_decoder(name: Optional[str] = None) -> Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]:
     """The batch stage's JPEG decoder: ``decode(list of 1-D uint8 CPU tensors, device) -> list of [3, H, W]``
     uint8 RGB, one nvJPEG call for the whole list on a CUDA device.
 
     ``name`` None: TorchCodec's ``decode_jpeg`` (torchcodec >= 0.16, which supersedes torchvision's image
     decoders, deprecated since torchvision 0.29) where it imports, else ``torchvision.io.decode_jpeg``
-    (torchcodec is optional: its builds follow torch's, 0.16 needs torch >= 2.11). Both decode with
-    libjpeg-turbo on the CPU and nvJPEG on CUDA; ``tests/test_decode.py`` checks that their pixels agree.
+    (torchcodec is optional: its builds follow torch's, 0.16 needs torch >= 2.11). Both use nvJPEG on
+    CUDA; ``tests/test_decode.py`` checks that their pixels agree on the CPU.
     """
     if name in (None, "torchcodec"):
         try:
