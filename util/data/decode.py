@@ -293,7 +293,7 @@ class DecodeTransform:
 JPEG_DECODERS = ("torchcodec", "torchvision")
 
 
-@functools.lru_cache(maxsize=None)  # looked up once per process, not once per batch
+@functools.cache  # looked up once per process, not once per batch
 def batch_jpeg_decoder(name: Optional[str] = None) -> Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]:
     """The batch stage's JPEG decoder: ``decode(list of 1-D uint8 CPU tensors, device) -> list of [3, H, W]``
     uint8 RGB, one nvJPEG call for the whole list on a CUDA device.
