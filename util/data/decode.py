@@ -11,8 +11,9 @@ the ``decode`` setting picks how those bytes become the crop:
   reference path, so its output stays bit-identical.
 * ``nvjpeg``: JPEGs are decoded on the GPU (:func:`batch_jpeg_decoder`: TorchCodec's or torchvision's
   ``decode_jpeg`` on a CUDA device), in the training process, one batch at a time
-  (:func:`decode_pending`); the loader workers only read the bytes and draw the crop. Only for transforms that end with flip + ToTensor + Normalize
-  (pre-training). Importing this module needs no GPU.
+  (:func:`decode_pending`); the loader workers only read the bytes and draw the crop. Only for
+  transforms that end with flip + ToTensor + Normalize (pre-training). Importing this module needs
+  no GPU.
 
 The fast path keeps the augmentation's random draws and their order: the crop box is drawn by the
 wrapped crop's own ``get_params`` on an image opened for its header only (same size, so the same
